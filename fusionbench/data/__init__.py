@@ -1,0 +1,6 @@
+"""Datamodules, one file per dataset family; `base.py` holds the contract and the file guard."""
+from fusionbench.data.base import FusionDataModule, TensorDictDataset
+from fusionbench.data.mogonet import MogonetDataModule
+from fusionbench.data.synthetic import SyntheticDataModule
+
+__all__ = ["FusionDataModule", "MogonetDataModule", "SyntheticDataModule", "TensorDictDataset"]

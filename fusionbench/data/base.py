@@ -1,0 +1,211 @@
+"""Datamodule base: the batch contract, task description and the file guard.
+
+Batch contract: ``{"inputs": {modality: Tensor}, "target": Tensor}``; modality keys are lowercase
+nouns, and every place where order matters sorts them.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fusionbench.errors import DatasetError
+
+TASK_TYPES = ("multiclass", "multilabel", "regression")
+
+
+class TensorDictDataset(Dataset):
+    """In-memory dataset yielding ``{"inputs": {m: x[m][i]}, "target": y[i]}``."""
+
+    def __init__(self, inputs: Mapping[str, torch.Tensor], target: torch.Tensor) -> None:
+        sizes = {m: len(x) for m, x in inputs.items()}
+        if any(n != len(target) for n in sizes.values()):
+            raise DatasetError(f"Modalities and targets have different sample counts: {sizes}, target {len(target)}.")
+        self.inputs = dict(inputs)
+        self.target = target
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"inputs": {m: x[i] for m, x in self.inputs.items()}, "target": self.target[i]}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def git_blob_id(path: Path) -> str:
+    """What `git hash-object FILE` prints (sources like MOGONET publish these ids)."""
+    data = path.read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def verify_checksum(path: Path, expected: str) -> str | None:
+    """Check ``expected`` (``sha256:<hex>`` or ``git:<blob id>``); return a problem description or None."""
+    kind, _, value = expected.partition(":")
+    if kind == "sha256":
+        actual = sha256_file(path)
+    elif kind == "git":
+        actual = git_blob_id(path)
+    else:
+        raise ValueError(f"Unknown checksum kind {kind!r} for {path.name}; use 'sha256:<hex>' or 'git:<blob id>'.")
+    return None if actual == value else f"{path.name}: {kind} is {actual}, expected {value}"
+
+
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split indices into (keep, held_out) with ``fraction`` of every class held out (at least one
+    sample of each class that has two or more)."""
+    if not 0.0 <= fraction < 1.0:
+        raise DatasetError(f"Validation fraction must be in [0, 1), got {fraction}.")
+    g = torch.Generator().manual_seed(seed)
+    keep, held = [], []
+    for c in torch.unique(labels):
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n = int(round(fraction * len(idx)))
+        if fraction > 0 and n == 0 and len(idx) > 1:
+            n = 1
+        held.append(idx[:n])
+        keep.append(idx[n:])
+    return torch.sort(torch.cat(keep)).values, torch.sort(torch.cat(held)).values
+
+
+class FusionDataModule(pl.LightningDataModule):
+    """Base for every dataset.
+
+    Subclasses set, by the end of `setup()`: ``task_type`` (one of `TASK_TYPES`), ``num_outputs``,
+    ``modalities`` (sorted), ``input_dims`` (features per modality, flattened) and the datasets
+    ``train_set``, ``val_set``, ``test_set``. They implement `required_files()` for the guard and
+    `_load()` for the data.
+
+    Args:
+        name: dataset name used in messages and run records.
+        data_dir: folder holding the files.
+        batch_size: samples per batch; 0 or less means the whole split in one batch.
+        num_workers: DataLoader workers.
+        monitor: ``{"metric": "val/loss", "mode": "min"}``, the metric checkpoints select on.
+        checksums: file name -> ``sha256:<hex>`` or ``git:<blob id>``, verified by `prepare_data()`.
+        verify_checksums: set false to run on locally modified files.
+        how_to_get: sentence shown when files are missing.
+    """
+
+    task_type: str
+    num_outputs: int
+    modalities: list[str]
+    input_dims: dict[str, int]
+
+    def __init__(
+        self,
+        name: str,
+        data_dir: str | Path,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        monitor: Mapping[str, str] | None = None,
+        checksums: Mapping[str, str] | None = None,
+        verify_checksums: bool = True,
+        how_to_get: str = "",
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.data_dir = Path(data_dir)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.monitor = dict(monitor or {"metric": "val/loss", "mode": "min"})
+        if self.monitor.get("mode") not in ("min", "max"):
+            raise DatasetError(f"monitor.mode must be 'min' or 'max', got {self.monitor.get('mode')!r}.")
+        self.checksums = dict(checksums or {})
+        self.verify_checksums = verify_checksums
+        self.how_to_get = how_to_get
+        self._loaded = False
+        self.data_checksum: str | None = None
+
+    # -- guard -------------------------------------------------------------------------------
+    def required_files(self) -> list[str]:
+        return []
+
+    def prepare_data(self) -> None:
+        """Check files exist and match their checksums; never downloads."""
+        missing = [f for f in self.required_files() if not (self.data_dir / f).is_file()]
+        if missing:
+            raise DatasetError(
+                f"Dataset '{self.name}' is incomplete: {len(missing)} file(s) missing in {self.data_dir} "
+                f"({', '.join(missing)}). {self.how_to_get} "
+                "Point `paths.data_dir=DIR` (or FUSIONBENCH_DATA_DIR) at the folder that holds it."
+            )
+        digest = hashlib.sha256()
+        problems = []
+        for f in sorted(self.required_files()):
+            path = self.data_dir / f
+            digest.update(f.encode() + sha256_file(path).encode())
+            if self.verify_checksums and f in self.checksums:
+                problem = verify_checksum(path, self.checksums[f])
+                if problem:
+                    problems.append(problem)
+        if problems:
+            raise DatasetError(
+                f"Dataset '{self.name}' in {self.data_dir} does not match the published files: "
+                + "; ".join(problems)
+                + f". Re-obtain the files ({self.how_to_get}) or, to run on deliberately modified files, "
+                "set `dataset.verify_checksums=false`."
+            )
+        self.data_checksum = digest.hexdigest()
+
+    # -- loading -----------------------------------------------------------------------------
+    def _load(self) -> None:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self._loaded:
+            if self.data_checksum is None:
+                self.prepare_data()
+            self._load()
+            self._loaded = True
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        bs = self.batch_size if self.batch_size > 0 else len(dataset)
+        return DataLoader(
+            dataset,
+            batch_size=bs,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+    def select_modalities(self, available: Sequence[str], wanted: Sequence[str] | None) -> list[str]:
+        wanted = list(available) if wanted is None else list(wanted)
+        unknown = [m for m in wanted if m not in available]
+        if unknown or not wanted:
+            raise DatasetError(
+                f"Dataset '{self.name}' has modalities {list(available)}; cannot select {wanted}. "
+                f"Set `dataset.modalities` to a non-empty subset of {list(available)}."
+            )
+        return sorted(wanted)
+
+    def describe(self) -> dict[str, Any]:
+        """What a run record stores about the data."""
+        return {
+            "name": self.name,
+            "modalities": self.modalities,
+            "input_dims": self.input_dims,
+            "sizes": {s: len(getattr(self, f"{s}_set")) for s in ("train", "val", "test")},
+            "checksum": self.data_checksum,
+        }

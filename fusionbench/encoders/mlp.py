@@ -1,0 +1,42 @@
+"""Multi-layer perceptron encoder for feature vectors (omics views, pre-extracted features)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+_NORMS = {"none": None, "batch": nn.BatchNorm1d, "layer": nn.LayerNorm}
+
+
+class MLPEncoder(nn.Module):
+    """Flatten, then ``[Linear -> norm -> ReLU -> Dropout] x len(hidden_dims)``.
+
+    Args:
+        input_dim: features per sample after flattening (filled in from the dataset by `train`).
+        hidden_dims: layer widths; the last one is ``output_dim``. Empty means identity.
+        dropout: dropout after every layer.
+        norm: ``none``, ``batch`` or ``layer`` normalisation after every linear layer.
+    """
+
+    def __init__(self, input_dim: int, hidden_dims: Sequence[int] = (64,), dropout: float = 0.0, norm: str = "none") -> None:
+        super().__init__()
+        if norm not in _NORMS:
+            raise ValueError(f"norm must be one of {sorted(_NORMS)}, got {norm!r}")
+        self.input_dim = int(input_dim)
+        layers: list[nn.Module] = []
+        width = self.input_dim
+        for h in hidden_dims:
+            layers.append(nn.Linear(width, h))
+            if _NORMS[norm] is not None:
+                layers.append(_NORMS[norm](h))
+            layers += [nn.ReLU(), nn.Dropout(dropout)]
+            width = h
+        self.net = nn.Sequential(*layers)
+        self.output_dim = width
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        x = x.flatten(1)
+        if x.shape[1] != self.input_dim:
+            raise ValueError(f"MLPEncoder expects {self.input_dim} features per sample, got {x.shape[1]}")
+        return self.net(x)

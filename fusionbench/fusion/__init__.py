@@ -1,0 +1,22 @@
+"""Fusion methods, one file each. Contract: built from ``encoders`` and ``num_outputs``;
+``forward(inputs) -> FusionOutput(logits, aux_loss, info)``."""
+from fusionbench.fusion.base import EncoderFusion, FusionOutput
+from fusionbench.fusion.concat import ConcatFusion
+from fusionbench.fusion.early import EarlyFusion
+from fusionbench.fusion.lowrank import LowRankTensorFusion
+from fusionbench.fusion.sum import SumFusion
+from fusionbench.fusion.tensor import TensorFusion
+from fusionbench.fusion.unimodal import UnimodalModel
+from fusionbench.fusion.weighted_sum import WeightedSumFusion
+
+__all__ = [
+    "ConcatFusion",
+    "EarlyFusion",
+    "EncoderFusion",
+    "FusionOutput",
+    "LowRankTensorFusion",
+    "SumFusion",
+    "TensorFusion",
+    "UnimodalModel",
+    "WeightedSumFusion",
+]

@@ -1,0 +1,103 @@
+"""The fusion-model contract and the base the baseline fusions share.
+
+A fusion model is built from ``encoders`` (an `nn.ModuleDict`, one encoder per modality) and
+``num_outputs``; ``forward(inputs)`` returns `FusionOutput`. Baselines subclass `EncoderFusion` and
+implement only ``fuse(embeddings)`` and ``fused_dim``; the prediction head is built from ``fused_dim``,
+so no dimension is ever written in YAML.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from fusionbench.errors import ConfigError
+
+
+class FusionOutput(NamedTuple):
+    logits: torch.Tensor
+    aux_loss: torch.Tensor | None  # added to the task loss (Jacobian or resource penalties)
+    info: dict[str, torch.Tensor | float]  # scalars to log (solver steps, gate usage, ...)
+
+
+def mlp_head(in_dim: int, num_outputs: int, hidden: Sequence[int] = (), dropout: float = 0.0) -> nn.Sequential:
+    """``[Linear -> ReLU -> Dropout]* -> Linear(num_outputs)``."""
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(in_dim, h), nn.ReLU(), nn.Dropout(dropout)]
+        in_dim = h
+    layers.append(nn.Linear(in_dim, num_outputs))
+    return nn.Sequential(*layers)
+
+
+def as_module_dict(encoders: Mapping[str, nn.Module]) -> nn.ModuleDict:
+    if not encoders:
+        raise ConfigError("A fusion model needs at least one encoder; the backbone config built none.")
+    for m, enc in encoders.items():
+        if not hasattr(enc, "output_dim"):
+            raise ConfigError(f"Encoder for '{m}' ({type(enc).__name__}) has no `output_dim` attribute.")
+    return encoders if isinstance(encoders, nn.ModuleDict) else nn.ModuleDict(dict(encoders))
+
+
+class EncoderFusion(nn.Module):
+    """``head(fuse({m: encoder_m(x_m)}))``. Modalities are processed in sorted order.
+
+    Args:
+        encoders: one encoder per modality, each with ``output_dim``.
+        num_outputs: classes / labels / regression targets.
+        head_hidden: hidden widths of the MLP head after fusion (empty: one linear layer).
+        head_dropout: dropout inside the head.
+    """
+
+    fused_dim: int
+
+    def __init__(
+        self,
+        encoders: Mapping[str, nn.Module],
+        num_outputs: int,
+        head_hidden: Sequence[int] = (),
+        head_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.encoders = as_module_dict(encoders)
+        self.modalities = sorted(self.encoders.keys())
+        self.num_outputs = int(num_outputs)
+        self._head_args = (list(head_hidden), head_dropout)
+
+    @property
+    def embed_dims(self) -> dict[str, int]:
+        return {m: int(self.encoders[m].output_dim) for m in self.modalities}
+
+    def build_head(self) -> None:
+        """Subclasses call this once ``fused_dim`` is known."""
+        self.head = mlp_head(self.fused_dim, self.num_outputs, *self._head_args)
+
+    def check_inputs(self, inputs: Mapping[str, torch.Tensor]) -> None:
+        missing = [m for m in self.modalities if m not in inputs]
+        if missing:
+            raise ConfigError(
+                f"The batch has modalities {sorted(inputs)} but the model needs {self.modalities} "
+                f"(missing {missing}). Make `dataset.modalities` and the backbone agree."
+            )
+
+    def encode(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.check_inputs(inputs)
+        return {m: self.encoders[m](inputs[m]) for m in self.modalities}
+
+    def fuse(self, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, inputs: Mapping[str, torch.Tensor]) -> FusionOutput:
+        fused = self.fuse(self.encode(inputs))
+        return FusionOutput(self.head(fused), None, {})
+
+
+def require_equal_dims(dims: Mapping[str, int], method: str) -> int:
+    if len(set(dims.values())) != 1:
+        raise ConfigError(
+            f"{method} needs every encoder to output the same width, got {dict(dims)}. Make the last entry of "
+            "each `backbone.<modality>.hidden_dims` equal, or use a fusion that concatenates (fusion=concat)."
+        )
+    return next(iter(dims.values()))

@@ -1,0 +1,52 @@
+"""torchmetrics collections chosen by the dataset's ``task_type``.
+
+| task | metrics (key) |
+| --- | --- |
+| multiclass | accuracy (``acc``), weighted F1 (``f1_weighted``), macro F1 (``f1_macro``), macro one-vs-rest AUROC (``auroc``) |
+| multilabel | micro F1 (``f1_micro``), macro F1 (``f1_macro``) at threshold 0.5 on sigmoid outputs |
+| regression | ``mse``, ``mae``, Pearson r (``pearson``) |
+
+For two classes the macro one-vs-rest AUROC equals the usual binary AUROC.
+"""
+from __future__ import annotations
+
+import torch
+import torchmetrics as tm
+from torchmetrics import MetricCollection
+
+
+def make_metrics(task_type: str, num_outputs: int) -> MetricCollection:
+    if task_type == "multiclass":
+        k = num_outputs
+        return MetricCollection(
+            {
+                "acc": tm.classification.MulticlassAccuracy(k, average="micro"),
+                "f1_weighted": tm.classification.MulticlassF1Score(k, average="weighted"),
+                "f1_macro": tm.classification.MulticlassF1Score(k, average="macro"),
+                "auroc": tm.classification.MulticlassAUROC(k, average="macro"),
+            }
+        )
+    if task_type == "multilabel":
+        k = num_outputs
+        return MetricCollection(
+            {
+                "f1_micro": tm.classification.MultilabelF1Score(k, average="micro", threshold=0.5),
+                "f1_macro": tm.classification.MultilabelF1Score(k, average="macro", threshold=0.5),
+            }
+        )
+    if task_type == "regression":
+        return MetricCollection(
+            {"mse": tm.MeanSquaredError(), "mae": tm.MeanAbsoluteError(), "pearson": tm.PearsonCorrCoef(num_outputs)}
+        )
+    raise ValueError(f"unknown task_type {task_type!r}")
+
+
+def prepare_for_metrics(task_type: str, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn model outputs into what the collection expects (probabilities, integer labels, ...)."""
+    if task_type == "multiclass":
+        return logits.softmax(-1), target.long()
+    if task_type == "multilabel":
+        return logits.sigmoid(), target.long()
+    if logits.shape[-1] == 1:
+        return logits.squeeze(-1), target.reshape(-1).float()
+    return logits, target.float()

@@ -1,0 +1,96 @@
+"""Run records: the ``metrics.json`` every run writes next to its ``.hydra/`` folder.
+
+A record is written once, atomically, when the run has finished; a folder without one is an
+unfinished run and is never counted by the table builder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fusionbench import ROOT, __version__
+
+RECORD_NAME = "metrics.json"
+RECORD_VERSION = 1
+
+
+class RunRecord:
+    def __init__(self, output_dir: str | Path) -> None:
+        self.path = Path(output_dir) / RECORD_NAME
+
+    def is_complete(self) -> bool:
+        try:
+            return self.load().get("status") == "complete"
+        except (OSError, ValueError):
+            return False
+
+    def load(self) -> dict[str, Any]:
+        return json.loads(self.path.read_text())
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, self.path)  # atomic: a record is either absent or whole
+
+
+def git_state() -> dict[str, Any]:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        sha = head.stdout.strip() if head.returncode == 0 else ""
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout
+        return {"sha": sha or None, "dirty": bool(dirty.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"sha": None, "dirty": None}
+
+
+def hydra_choices(cfg: DictConfig) -> tuple[dict[str, Any], list[str]]:
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        choices = {k: v for k, v in OmegaConf.to_container(hc.runtime.choices).items() if not k.startswith("hydra/")}
+        return choices, list(hc.overrides.task)
+    return {}, []
+
+
+def _float(v: Any) -> float:
+    return float(v.item() if isinstance(v, torch.Tensor) else v)
+
+
+def runtime_info(cfg, dm, task, trainer: pl.Trainer, test_metrics: dict, test_ckpt: str | None, wall_time_s: float) -> dict[str, Any]:
+    """Everything a table or a later reader needs to know about a finished run."""
+    choices, overrides = hydra_choices(cfg)
+    ckpt_cb = trainer.checkpoint_callback
+    best_val = None
+    if ckpt_cb is not None and ckpt_cb.best_model_path:
+        best_epoch = torch.load(ckpt_cb.best_model_path, map_location="cpu", weights_only=False).get("epoch")
+        best_val = {"metric": ckpt_cb.monitor, "mode": ckpt_cb.mode, "value": _float(ckpt_cb.best_model_score), "epoch": best_epoch}
+    params = list(task.model.parameters())
+    return {
+        "status": "complete",
+        "record_version": RECORD_VERSION,
+        "experiment_name": cfg.get("experiment_name"),
+        "seed": int(cfg.seed),
+        "choices": choices,
+        "overrides": overrides,
+        "metrics": {k: _float(v) for k, v in sorted(test_metrics.items())},
+        "best_val": best_val,
+        "test_checkpoint": Path(test_ckpt).name if test_ckpt else "final weights",
+        "epochs_trained": int(trainer.current_epoch),
+        "global_steps": int(trainer.global_step),
+        "selection": getattr(dm, "selection", "val"),
+        "data": dm.describe(),
+        "params": {"total": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in params if p.requires_grad)},
+        "wall_time_s": round(wall_time_s, 2),
+        "git": git_state(),
+        "versions": {"fusionbench": __version__, "torch": torch.__version__, "pytorch_lightning": pl.__version__},
+        "fast_dev_run": bool(cfg.trainer.get("fast_dev_run", False)),
+    }

@@ -1,0 +1,103 @@
+"""One LightningModule for multiclass, multilabel and regression fusion tasks.
+
+The dataset's ``task_type`` picks the loss and the metric collection; the fusion model's
+``aux_loss`` is added to the loss, and every scalar in its ``info`` is logged.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fusionbench.errors import TrainingError
+from fusionbench.metrics import make_metrics, prepare_for_metrics
+
+
+def task_loss(task_type: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if task_type == "multiclass":
+        return F.cross_entropy(logits, target.long())
+    if task_type == "multilabel":
+        return F.binary_cross_entropy_with_logits(logits, target.float())
+    if task_type == "regression":
+        return F.mse_loss(logits.reshape(target.shape).float(), target.float())
+    raise ValueError(f"unknown task_type {task_type!r}")
+
+
+class FusionTask(pl.LightningModule):
+    """Args:
+        model: a fusion model (returns `FusionOutput`).
+        task_type: ``multiclass``, ``multilabel`` or ``regression``.
+        num_outputs: model outputs (classes, labels, targets).
+        optimizer: partial optimizer, called with the parameters.
+        scheduler: optional partial LR scheduler, called with the optimizer; stepped per epoch.
+        aux_weight: multiplier of the model's ``aux_loss``.
+        check_finite: stop with a `TrainingError` naming the step when the loss is NaN or infinite.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task_type: str,
+        num_outputs: int,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        aux_weight: float = 1.0,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.task_type = task_type
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.aux_weight = aux_weight
+        self.check_finite = check_finite
+        metrics = make_metrics(task_type, num_outputs)
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    def forward(self, inputs: Mapping[str, torch.Tensor]):
+        return self.model(inputs)
+
+    def _step(self, batch: Mapping[str, Any], stage: str) -> torch.Tensor:
+        out = self.model(batch["inputs"])
+        target = batch["target"]
+        loss = task_loss(self.task_type, out.logits, target)
+        total = loss if out.aux_loss is None else loss + self.aux_weight * out.aux_loss
+        n = target.shape[0]
+        sync = stage != "train"
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=sync, prog_bar=stage == "val")
+        if out.aux_loss is not None:
+            self.log(f"{stage}/aux_loss", out.aux_loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=sync)
+        for key, value in out.info.items():
+            self.log(f"{stage}/{key}", value, on_step=False, on_epoch=True, batch_size=n, sync_dist=sync)
+        metrics = getattr(self, f"{stage}_metrics")
+        metrics.update(*prepare_for_metrics(self.task_type, out.logits.detach(), target))
+        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=n)
+        return total
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        total = self._step(batch, "train")
+        if self.check_finite and not torch.isfinite(total.detach()).all():
+            raise TrainingError(
+                f"The training loss became {total.item()} at epoch {self.current_epoch}, global step "
+                f"{self.global_step} (batch {batch_idx}). Lower the learning rate (`optimizer.lr`), clip "
+                "gradients (`trainer.gradient_clip_val=1.0`) or check the inputs for NaN/inf values."
+            )
+        return total
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer)}}
