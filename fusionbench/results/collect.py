@@ -1,0 +1,59 @@
+"""Collect run records (``metrics.json``) from run folders into a pandas frame.
+
+Only finished runs count: a folder without a record, with a record whose status is not
+``complete``, or from a fast dev run is skipped. One row per (experiment, seed): if two folders
+hold the same pair, the one whose path sorts last wins and a warning names both.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from fusionbench.records import RECORD_NAME
+
+log = logging.getLogger(__name__)
+
+
+def flatten(record: dict[str, Any]) -> dict[str, Any]:
+    """One flat row: test metrics under their own keys (``test/acc``) plus run facts."""
+    row: dict[str, Any] = {"experiment_name": record.get("experiment_name"), "seed": record.get("seed")}
+    row.update(record.get("metrics", {}))
+    best = record.get("best_val") or {}
+    row["best_val"] = best.get("value")
+    row["best_epoch"] = best.get("epoch")
+    row["wall_time_s"] = record.get("wall_time_s")
+    row["epochs_trained"] = record.get("epochs_trained")
+    row["params"] = (record.get("params") or {}).get("total")
+    row["git_sha"] = (record.get("git") or {}).get("sha")
+    return row
+
+
+def collect_runs(roots: Iterable[str | Path]) -> pd.DataFrame:
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    for root in roots:
+        root = Path(root)
+        if not root.exists():
+            continue
+        for path in sorted(root.rglob(RECORD_NAME)):
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError) as e:
+                log.warning("Skipping unreadable run record %s: %s", path, e)
+                continue
+            if record.get("status") != "complete" or record.get("fast_dev_run"):
+                continue
+            row = flatten(record)
+            row["path"] = str(path.parent)
+            key = (row["experiment_name"], row["seed"])
+            if key in rows:
+                log.warning("Two runs of %s seed %s: %s and %s; using the latter", *key, rows[key]["path"], row["path"])
+            rows[key] = row
+    frame = pd.DataFrame(list(rows.values()))
+    if frame.empty:
+        frame = pd.DataFrame(columns=["experiment_name", "seed", "path"])
+    return frame.sort_values(["experiment_name", "seed"], kind="stable").reset_index(drop=True)

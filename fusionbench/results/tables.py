@@ -1,0 +1,213 @@
+"""Render the tables declared in ``configs/tables/*.yaml`` from the run records on disk.
+
+A table YAML names its rows (one experiment each), its columns (metric keys of the run records),
+the number of seeds expected per row and, where a paper reports the row, the reported numbers.
+Each table becomes ``<out>/<name>.md``, ``.csv`` and ``.tex``: mean ± sample standard deviation over
+seeds with the number of runs found. A row with fewer runs than expected says so in its ``runs``
+column (``3/5``), and a row without runs stays in the table with dashes and the command that makes
+them. Reported numbers sit in their own columns, labelled as reported. Output is deterministic: the
+same runs give byte-identical files.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from fusionbench import ROOT
+from fusionbench.results.collect import collect_runs
+
+DASH = "—"
+README_START, README_END = "<!-- tables:start -->", "<!-- tables:end -->"
+
+
+@dataclass
+class Metric:
+    key: str
+    label: str
+    scale: float = 1.0
+    digits: int = 3
+
+    def fmt(self, value: float | None) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return DASH
+        return f"{value * self.scale:.{self.digits}f}"
+
+
+@dataclass
+class TableSpec:
+    name: str
+    title: str
+    metrics: list[Metric]
+    rows: list[dict[str, Any]]
+    seeds: int = 5
+    runs: list[str] = field(default_factory=lambda: ["results/runs"])
+    command: str = "python train.py experiment={experiment} sweep=seeds"
+    caption: str = ""
+    reported_source: str = ""
+
+    @classmethod
+    def load(cls, path: str | Path) -> TableSpec:
+        raw = yaml.safe_load(Path(path).read_text())
+        unknown = set(raw) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}")
+        raw["metrics"] = [Metric(**m) for m in raw["metrics"]]
+        for row in raw["rows"]:
+            if "label" not in row or "experiment" not in row:
+                raise ValueError(f"{path}: every row needs `label` and `experiment`, got {row}")
+        return cls(**raw)
+
+    @property
+    def has_reported(self) -> bool:
+        return any(row.get("reported") for row in self.rows)
+
+
+def aggregate(spec: TableSpec, runs: pd.DataFrame) -> list[dict[str, Any]]:
+    """One dict per table row: n, and mean/std per metric (None where no run has it)."""
+    out = []
+    for row in spec.rows:
+        sel = runs[runs["experiment_name"] == row["experiment"]] if len(runs) else runs
+        entry: dict[str, Any] = {"label": row["label"], "experiment": row["experiment"], "n": len(sel), "reported": row.get("reported") or {}}
+        for m in spec.metrics:
+            values = pd.to_numeric(sel[m.key], errors="coerce").dropna() if m.key in sel else pd.Series(dtype=float)
+            entry[m.key] = (
+                float(values.mean()) if len(values) else None,
+                float(values.std(ddof=1)) if len(values) > 1 else None,
+            )
+        out.append(entry)
+    return out
+
+
+def _cell(m: Metric, mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return DASH
+    return m.fmt(mean) if std is None else f"{m.fmt(mean)} ± {m.fmt(std)}"
+
+
+def table_cells(spec: TableSpec, rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    header = ["Method", "runs"] + [m.label for m in spec.metrics]
+    if spec.has_reported:
+        header += [f"{m.label} (reported)" for m in spec.metrics]
+    body = []
+    for r in rows:
+        cells = [r["label"], f"{r['n']}/{spec.seeds}"] + [_cell(m, *r[m.key]) for m in spec.metrics]
+        if spec.has_reported:
+            cells += [m.fmt(r["reported"].get(m.key)) if m.key in r["reported"] else DASH for m in spec.metrics]
+        body.append(cells)
+    return header, body
+
+
+def notes(spec: TableSpec, rows: list[dict[str, Any]]) -> list[str]:
+    lines = [f"Mean ± sample standard deviation over seeds; `runs` = runs found / seeds expected."]
+    if spec.has_reported:
+        lines.append(f"Reported columns are the numbers printed in {spec.reported_source}, not ours.")
+    missing = [r for r in rows if r["n"] < spec.seeds]
+    if missing:
+        lines.append(
+            "Incomplete rows (" + ", ".join(f"{r['label']}: {r['n']}/{spec.seeds}" for r in missing) + "); to fill them: "
+            + "; ".join(f"`{spec.command.format(experiment=r['experiment'])}`" for r in missing)
+        )
+    return lines
+
+
+def to_markdown(spec: TableSpec, rows: list[dict[str, Any]]) -> str:
+    header, body = table_cells(spec, rows)
+    align = ["---"] + ["---:"] * (len(header) - 1)
+    lines = [f"### {spec.title}", ""]
+    if spec.caption:
+        lines += [spec.caption.strip(), ""]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("| " + " | ".join(align) + " |")
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in body]
+    lines += [""] + notes(spec, rows)
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(spec: TableSpec, rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    head = ["label", "experiment", "runs", "seeds_expected"]
+    for m in spec.metrics:
+        head += [f"{m.key}:mean", f"{m.key}:std", f"{m.key}:reported"]
+    w.writerow(head)
+    for r in rows:
+        line = [r["label"], r["experiment"], r["n"], spec.seeds]
+        for m in spec.metrics:
+            mean, std = r[m.key]
+            rep = r["reported"].get(m.key)
+            line += [
+                "" if mean is None else f"{mean:.6g}",
+                "" if std is None else f"{std:.6g}",
+                "" if rep is None else f"{rep:.6g}",
+            ]
+        w.writerow(line)
+    return buf.getvalue()
+
+
+def _tex_escape(s: str) -> str:
+    s = re.sub(r"([&%_#$])", r"\\\1", s)
+    return s.replace("±", r"$\pm$").replace(DASH, "--")
+
+
+def to_latex(spec: TableSpec, rows: list[dict[str, Any]]) -> str:
+    header, body = table_cells(spec, rows)
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\caption{" + _tex_escape(spec.title) + "}",
+        r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}",
+        r"\toprule",
+        " & ".join(_tex_escape(h) for h in header) + r" \\",
+        r"\midrule",
+    ]
+    lines += [" & ".join(_tex_escape(c) for c in cells) + r" \\" for cells in body]
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def build_tables(
+    table_dir: str | Path = ROOT / "configs" / "tables",
+    out_dir: str | Path = ROOT / "results",
+    root: str | Path = ROOT,
+    only: Sequence[str] | None = None,
+) -> dict[str, str]:
+    """Write every table's .md/.csv/.tex; return name -> markdown."""
+    out_dir, root = Path(out_dir), Path(root)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rendered = {}
+    for path in sorted(Path(table_dir).glob("*.yaml")):
+        spec = TableSpec.load(path)
+        if only and spec.name not in only:
+            continue
+        runs = collect_runs(root / r for r in spec.runs)
+        rows = aggregate(spec, runs)
+        md = to_markdown(spec, rows)
+        (out_dir / f"{spec.name}.md").write_text(md)
+        (out_dir / f"{spec.name}.csv").write_text(to_csv(spec, rows))
+        (out_dir / f"{spec.name}.tex").write_text(to_latex(spec, rows))
+        rendered[spec.name] = md
+    return rendered
+
+
+def update_readme(readme: str | Path, rendered: dict[str, str]) -> bool:
+    """Replace the block between the README markers; return whether the file changed."""
+    readme = Path(readme)
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{readme} has no {README_START} ... {README_END} block to fill")
+    block = "\n".join(md for _, md in sorted(rendered.items()))
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    new = f"{head}{README_START}\n{block}{README_END}{tail}"
+    if new != text:
+        readme.write_text(new)
+    return new != text
