@@ -70,9 +70,14 @@ def runtime_info(cfg, dm, task, trainer: pl.Trainer, test_metrics: dict, test_ck
     choices, overrides = hydra_choices(cfg)
     ckpt_cb = trainer.checkpoint_callback
     best_val = None
-    if ckpt_cb is not None and ckpt_cb.best_model_path:
+    if cfg.train and ckpt_cb is not None and ckpt_cb.best_model_path and ckpt_cb.best_model_score is not None:
         best_epoch = torch.load(ckpt_cb.best_model_path, map_location="cpu", weights_only=False).get("epoch")
         best_val = {"metric": ckpt_cb.monitor, "mode": ckpt_cb.mode, "value": _float(ckpt_cb.best_model_score), "epoch": best_epoch}
+    epochs, steps = int(trainer.current_epoch), int(trainer.global_step)
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    if cfg.train and last.is_file():  # ddp_spawn does not hand loop progress back to the main process
+        state = torch.load(last, map_location="cpu", weights_only=False)
+        epochs, steps = max(epochs, state["epoch"] + 1), max(steps, state["global_step"])
     params = list(task.model.parameters())
     return {
         "status": "complete",
@@ -84,8 +89,8 @@ def runtime_info(cfg, dm, task, trainer: pl.Trainer, test_metrics: dict, test_ck
         "metrics": {k: _float(v) for k, v in sorted(test_metrics.items())},
         "best_val": best_val,
         "test_checkpoint": Path(test_ckpt).name if test_ckpt else "final weights",
-        "epochs_trained": int(trainer.current_epoch),
-        "global_steps": int(trainer.global_step),
+        "epochs_trained": epochs,
+        "global_steps": steps,
         "selection": getattr(dm, "selection", "val"),
         "data": dm.describe(),
         "params": {"total": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in params if p.requires_grad)},

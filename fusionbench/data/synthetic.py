@@ -77,9 +77,9 @@ class SyntheticDataModule(FusionDataModule):
         params = {
             "class_emb": 2.0 * torch.randn(self.num_outputs, self.latent_dim, generator=g),
             "readout": torch.randn(self.latent_dim, self.num_outputs, generator=g) / math.sqrt(self.latent_dim),
-            # every modality sees a different random projection of the latent
+            # drawn for every modality, so a subset sees the same data as the full set
             "proj": {
-                m: torch.randn(self.latent_dim, self.input_dims[m], generator=g) / math.sqrt(self.latent_dim)
+                m: torch.randn(self.latent_dim, math.prod(self.shapes[m]), generator=g) / math.sqrt(self.latent_dim)
                 for m in sorted(self.shapes)
             },
         }

@@ -1,0 +1,107 @@
+"""The table builder on fixture run folders: aggregation, missing runs, reported columns, determinism."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fusionbench import ROOT
+from fusionbench.results import TableSpec, build_tables, collect_runs, update_readme
+from fusionbench.results.tables import README_END, README_START
+
+
+def write_run(root: Path, experiment: str, seed: int, acc: float, status: str = "complete", **extra) -> Path:
+    folder = root / "results" / "runs" / experiment / f"seed={seed}"
+    folder.mkdir(parents=True)
+    record = {"status": status, "experiment_name": experiment, "seed": seed, "metrics": {"test/acc": acc}, "wall_time_s": 2.0, **extra}
+    (folder / "metrics.json").write_text(json.dumps(record))
+    return folder
+
+
+TABLE = """
+name: demo
+title: Demo table
+seeds: 3
+metrics:
+  - {key: test/acc, label: Acc, scale: 100, digits: 1}
+rows:
+  - {label: Base, experiment: demo_base, reported: {test/acc: 0.8}}
+  - {label: Method, experiment: demo_method}
+  - {label: Never run, experiment: demo_missing}
+"""
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables" / "demo.yaml").write_text(TABLE)
+    for seed, acc in enumerate([0.70, 0.80, 0.90]):
+        write_run(tmp_path, "demo_base", seed, acc)
+    write_run(tmp_path, "demo_method", 0, 0.5)
+    write_run(tmp_path, "demo_method", 1, 0.6)
+    write_run(tmp_path, "demo_method", 2, 0.99, status="running")  # unfinished: never counted
+    write_run(tmp_path, "demo_method", 3, 0.99, fast_dev_run=True)  # debug: never counted
+    (tmp_path / "results" / "runs" / "demo_method" / "seed=4").mkdir()  # crashed before any record
+    return tmp_path
+
+
+def test_collect_skips_unfinished_and_debug_runs(project):
+    runs = collect_runs([project / "results" / "runs"])
+    assert sorted(zip(runs.experiment_name, runs.seed)) == [
+        ("demo_base", 0), ("demo_base", 1), ("demo_base", 2), ("demo_method", 0), ("demo_method", 1)
+    ]
+
+
+def test_table_values_missing_rows_and_reported_columns(project):
+    md = build_tables(project / "tables", project / "out", project)["demo"]
+    lines = md.splitlines()
+    assert "| Method | runs | Acc | Acc (reported) |" in lines
+    # mean 80.0, sample std of (70, 80, 90) = 10.0; reported 80.0 in its own column
+    assert "| Base | 3/3 | 80.0 ± 10.0 | 80.0 |" in lines
+    # std of (50, 60) = 7.07
+    assert "| Method | 2/3 | 55.0 ± 7.1 | — |" in lines
+    assert "| Never run | 0/3 | — | — |" in lines  # kept, never silently dropped
+    assert "python train.py experiment=demo_missing sweep=seeds" in md
+    assert "Method: 2/3" in md and "not ours" in md
+    csv = (project / "out" / "demo.csv").read_text().splitlines()
+    assert csv[1].startswith("Base,demo_base,3,3,0.8,0.1,0.8")
+    tex = (project / "out" / "demo.tex").read_text()
+    assert r"80.0 $\pm$ 10.0" in tex and r"\begin{tabular}{lrrr}" in tex
+
+
+def test_rebuild_is_byte_identical(project):
+    build_tables(project / "tables", project / "out", project)
+    first = {p.name: p.read_bytes() for p in (project / "out").iterdir()}
+    build_tables(project / "tables", project / "out", project)
+    assert first == {p.name: p.read_bytes() for p in (project / "out").iterdir()}
+
+
+def test_duplicate_seed_counts_once(project):
+    other = project / "results" / "runs" / "zz_copy"
+    write_run(other, "demo_base", 0, 0.1)
+    runs = collect_runs([project / "results" / "runs"])
+    base = runs[runs.experiment_name == "demo_base"]
+    assert len(base) == 3
+
+
+def test_readme_block_is_replaced(project, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_START}\nold\n{README_END}\noutro\n")
+    assert update_readme(readme, {"demo": "### new\n"})
+    assert readme.read_text() == f"intro\n{README_START}\n### new\n{README_END}\noutro\n"
+    assert not update_readme(readme, {"demo": "### new\n"})
+
+
+def test_table_spec_rejects_unknown_keys(tmp_path):
+    (tmp_path / "bad.yaml").write_text(TABLE + "colums: []\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['colums'\]"):
+        TableSpec.load(tmp_path / "bad.yaml")
+
+
+def test_shipped_tables_match_committed_records(tmp_path):
+    """`make tables` on a clean clone regenerates the committed results/ files exactly."""
+    rendered = build_tables(ROOT / "configs" / "tables", tmp_path, ROOT)
+    for name in rendered:
+        for ext in ("md", "csv", "tex"):
+            assert (tmp_path / f"{name}.{ext}").read_text() == (ROOT / "results" / f"{name}.{ext}").read_text(), name

@@ -1,0 +1,121 @@
+"""The run loop end to end: every fusion trains, records are written once, runs resume without
+double counting, checkpoints evaluate, and bad runs stop with clear messages."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import FAST, compose_cfg
+from fusionbench import ROOT
+from fusionbench.errors import ConfigError, TrainingError
+from fusionbench.train import train
+
+FUSIONS = sorted(p.stem for p in (ROOT / "configs" / "fusion").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_fast_dev_run_every_fusion(fusion, make_cfg):
+    extra = ["dataset.modalities=[image]"] if fusion == "unimodal" else []
+    cfg = make_cfg(["dataset=synthetic", f"fusion={fusion}", "debug=fdr", "trainer.enable_progress_bar=false", *extra])
+    result, objs = train(cfg)
+    assert objs["trainer"].global_step == 1
+    assert set(result["metrics"]) >= {"test/acc", "test/f1_macro", "test/f1_weighted", "test/auroc", "test/loss"}
+    assert not os.path.exists(os.path.join(cfg.paths.output_dir, "metrics.json"))  # debug runs are not records
+
+
+def test_training_learns_and_writes_a_complete_record(make_cfg):
+    cfg = make_cfg(["dataset=synthetic", "seed=3", *FAST, "trainer.max_epochs=15"])
+    result, objs = train(cfg)
+    with open(os.path.join(cfg.paths.output_dir, "metrics.json")) as f:
+        record = json.load(f)
+    assert record == json.loads(json.dumps(result))
+    assert record["status"] == "complete" and record["seed"] == 3
+    assert record["metrics"]["test/acc"] > 0.8  # chance is 1/3
+    assert record["best_val"]["metric"] == "val/loss" and 0 <= record["best_val"]["epoch"] < 15
+    assert record["params"]["total"] == sum(p.numel() for p in objs["task"].model.parameters())
+    assert record["data"]["sizes"] == {"train": 256, "val": 64, "test": 64}
+    assert record["git"]["sha"] is None or len(record["git"]["sha"]) == 40
+    assert record["test_checkpoint"].startswith("epoch")  # the best checkpoint, not the last weights
+
+
+def test_interrupted_run_resumes_and_finished_run_is_not_rerun(make_cfg):
+    cfg = make_cfg(["dataset=synthetic", *FAST, "trainer.max_epochs=3"], sub="table_run")
+    first, objs = train(cfg)
+    steps_per_epoch = objs["trainer"].num_training_batches
+    out = cfg.paths.output_dir
+    # simulate an interruption after epoch 3: the checkpoint is there, the record is not
+    os.remove(os.path.join(out, "metrics.json"))
+    cfg.trainer.max_epochs = 5
+    resumed, objs = train(cfg)
+    assert objs["trainer"].global_step == 5 * steps_per_epoch  # epochs 4-5 only, nothing trained twice
+    assert resumed["epochs_trained"] == 5
+    again, objs = train(cfg)  # a relaunch of a finished run returns its record untouched
+    assert objs == {} and again == json.loads(json.dumps(resumed))
+
+
+def test_evaluate_checkpoint_with_train_false(make_cfg, tmp_path):
+    cfg = make_cfg(["dataset=synthetic", *FAST, "trainer.max_epochs=3"], sub="fit")
+    fitted, objs = train(cfg)
+    best = objs["trainer"].checkpoint_callback.best_model_path
+    cfg_eval = make_cfg(["dataset=synthetic", *FAST, "train=false", f"ckpt_path={best}"], sub="eval")
+    evaluated, _ = train(cfg_eval)
+    assert evaluated["metrics"]["test/acc"] == pytest.approx(fitted["metrics"]["test/acc"])
+    assert evaluated["metrics"]["test/loss"] == pytest.approx(fitted["metrics"]["test/loss"], rel=1e-5)
+
+
+def test_missing_checkpoint_is_a_config_error(make_cfg):
+    cfg = make_cfg(["dataset=synthetic", *FAST, "ckpt_path=/nonexistent/last.ckpt"])
+    with pytest.raises(ConfigError, match="ckpt_path=/nonexistent/last.ckpt does not exist"):
+        train(cfg)
+    with pytest.raises(ConfigError, match="train=false evaluates a checkpoint"):
+        train(make_cfg(["dataset=synthetic", *FAST, "train=false"], sub="noeval"))
+
+
+def test_nan_loss_stops_with_the_step_and_leaves_no_record(make_cfg):
+    cfg = make_cfg(["dataset=synthetic", *FAST, "dataset.noise=nan"])
+    with pytest.raises(TrainingError, match=r"became nan at epoch 0, global step 0 \(batch 0\)"):
+        train(cfg)
+    assert not os.path.exists(os.path.join(cfg.paths.output_dir, "metrics.json"))
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_cli_missing_dataset_is_one_clear_message(tmp_path):
+    r = run_cli("dataset=brca", f"paths.data_dir={tmp_path}", "logger=none", f"hydra.run.dir={tmp_path}/run")
+    assert r.returncode == 1
+    assert "fusionbench: Dataset 'brca' is incomplete" in r.stderr and "prepare_data.py brca --from" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_cli_nan_loss_exits_nonzero_with_message(tmp_path):
+    r = run_cli("dataset=synthetic", "dataset.noise=nan", "logger=none", f"hydra.run.dir={tmp_path}/run")
+    assert r.returncode == 1 and "global step 0" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ddp_sim_trains_on_two_processes(make_cfg):
+    cfg = make_cfg(["dataset=synthetic", "trainer=ddp_sim", *FAST, "trainer.max_epochs=2"])
+    result, objs = train(cfg)
+    assert objs["trainer"].world_size == 2
+    # each process sees half of the 256 training samples: 4 batches of 32 per epoch
+    assert result["global_steps"] == 2 * 4
+    assert set(result["metrics"]) >= {"test/acc", "test/loss"}
+    with open(os.path.join(cfg.paths.output_dir, "metrics.json")) as f:
+        assert json.load(f)["status"] == "complete"
+
+
+def test_multirun_seed_sweep_into_deterministic_folders(tmp_path):
+    r = run_cli(
+        "-m", "experiment=baselines_rosmap_mirna", "sweep=seeds", "seed=0,1", "trainer.max_epochs=2",
+        "trainer.enable_progress_bar=false", "logger=none", f"hydra.sweep.dir={tmp_path}",
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    seeds = sorted(json.loads(p.read_text())["seed"] for p in tmp_path.glob("baselines_rosmap_mirna/seed=*/metrics.json"))
+    assert seeds == [0, 1]
