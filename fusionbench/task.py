@@ -69,7 +69,7 @@ class FusionTask(pl.LightningModule):
         loss = task_loss(self.task_type, out.logits, target)
         total = loss if out.aux_loss is None else loss + self.aux_weight * out.aux_loss
         n = target.shape[0]
-        sync = stage != "train"
+        sync = True  # epoch-level values are reduced across DDP ranks once per epoch
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=sync, prog_bar=stage == "val")
         if out.aux_loss is not None:
             self.log(f"{stage}/aux_loss", out.aux_loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=sync)
@@ -95,6 +95,15 @@ class FusionTask(pl.LightningModule):
 
     def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         self._step(batch, "test")
+
+    def teardown(self, stage: str) -> None:
+        # ddp_spawn workers exit right after this hook. Closing the process group here, on every rank
+        # after a barrier, keeps ranks from tearing gloo down at interpreter exit at different times,
+        # which intermittently aborts a worker ("terminate called without an active exception").
+        launcher = getattr(self.trainer.strategy, "launcher", None)
+        if getattr(launcher, "_start_method", None) == "spawn" and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(params=self.parameters())

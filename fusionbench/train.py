@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,8 @@ from fusionbench.task import FusionTask
 log = logging.getLogger("fusionbench")
 
 OmegaConf.register_new_resolver("fb.root", lambda: str(ROOT), replace=True)
+# like oc.env, but an empty variable also falls back to the default (WANDB_MODE= means "not set")
+OmegaConf.register_new_resolver("fb.env", lambda name, default: os.environ.get(name) or default, replace=True)
 
 
 def build_encoders(backbone: DictConfig, dm: FusionDataModule) -> nn.ModuleDict:

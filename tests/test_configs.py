@@ -93,6 +93,10 @@ def test_every_logger_instantiates(logger, tmp_path, monkeypatch):
     assert len(built) == (0 if logger == "none" else 1)
     if logger == "wandb":
         assert cfg.logger.wandb.mode == "offline"  # never uploads unless the user asks
+        monkeypatch.setenv("WANDB_MODE", "")
+        assert compose_cfg(["logger=wandb"], tmp_path).logger.wandb.mode == "offline"
+        monkeypatch.setenv("WANDB_MODE", "online")
+        assert compose_cfg(["logger=wandb"], tmp_path).logger.wandb.mode == "online"
 
 
 @pytest.mark.parametrize("callbacks", options("callbacks"))
