@@ -68,6 +68,10 @@ class FusionTask(pl.LightningModule):
         target = batch["target"]
         loss = task_loss(self.task_type, out.logits, target)
         total = loss if out.aux_loss is None else loss + self.aux_weight * out.aux_loss
+        if hasattr(self.model, "target_loss"):
+            model_loss = self.model.target_loss(out, target)
+            total = total + model_loss
+            self.log(f"{stage}/model_loss", model_loss, on_step=False, on_epoch=True, batch_size=target.shape[0], sync_dist=True)
         n = target.shape[0]
         sync = True  # epoch-level values are reduced across DDP ranks once per epoch
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=sync, prog_bar=stage == "val")

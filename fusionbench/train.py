@@ -152,7 +152,7 @@ def main(cfg: DictConfig) -> float | None:
         log.error("%s", message)
         print(f"\nfusionbench: {message}", file=sys.stderr)
         sys.exit(1)
-    return result.get("best_val", {}).get("value")
+    return (result.get("best_val") or {}).get("value")
 
 
 __all__ = ["build", "build_encoders", "main", "train"]

@@ -22,11 +22,11 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
 
 
-def test_default_composition_is_rosmap_late_fusion():
+def test_default_composition_is_rosmap_deq_fusion():
     cfg = compose_cfg([])
     assert cfg.dataset.name == "rosmap"
     assert sorted(cfg.backbone) == ["meth", "mirna", "mrna"]
-    assert cfg.fusion._target_.endswith("ConcatFusion")
+    assert cfg.fusion._target_.endswith("DEQFusion")
     assert cfg.seed == 0 and cfg.train is True
 
 

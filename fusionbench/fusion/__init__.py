@@ -2,8 +2,10 @@
 ``forward(inputs) -> FusionOutput(logits, aux_loss, info)``."""
 from fusionbench.fusion.base import EncoderFusion, FusionOutput
 from fusionbench.fusion.concat import ConcatFusion
+from fusionbench.fusion.deq import DEQFusion
 from fusionbench.fusion.early import EarlyFusion
 from fusionbench.fusion.lowrank import LowRankTensorFusion
+from fusionbench.fusion.mmdynamics import MMDynamics
 from fusionbench.fusion.sum import SumFusion
 from fusionbench.fusion.tensor import TensorFusion
 from fusionbench.fusion.unimodal import UnimodalModel
@@ -11,10 +13,12 @@ from fusionbench.fusion.weighted_sum import WeightedSumFusion
 
 __all__ = [
     "ConcatFusion",
+    "DEQFusion",
     "EarlyFusion",
     "EncoderFusion",
     "FusionOutput",
     "LowRankTensorFusion",
+    "MMDynamics",
     "SumFusion",
     "TensorFusion",
     "UnimodalModel",

@@ -1,7 +1,8 @@
 """The fusion-model contract and the base the baseline fusions share.
 
 A fusion model is built from ``encoders`` (an `nn.ModuleDict`, one encoder per modality) and
-``num_outputs``; ``forward(inputs)`` returns `FusionOutput`. Baselines subclass `EncoderFusion` and
+``num_outputs``; ``forward(inputs)`` returns `FusionOutput`. A model whose loss needs the labels
+(MM-Dynamics' confidence terms) also defines ``target_loss(output, target)``; the task adds it. Baselines subclass `EncoderFusion` and
 implement only ``fuse(embeddings)`` and ``fused_dim``; the prediction head is built from ``fused_dim``,
 so no dimension is ever written in YAML.
 """
@@ -20,6 +21,7 @@ class FusionOutput(NamedTuple):
     logits: torch.Tensor
     aux_loss: torch.Tensor | None  # added to the task loss (Jacobian or resource penalties)
     info: dict[str, torch.Tensor | float]  # scalars to log (solver steps, gate usage, ...)
+    extras: dict | None = None  # tensors a model's own `target_loss(output, target)` needs
 
 
 def mlp_head(in_dim: int, num_outputs: int, hidden: Sequence[int] = (), dropout: float = 0.0) -> nn.Sequential:
@@ -86,12 +88,17 @@ class EncoderFusion(nn.Module):
         self.check_inputs(inputs)
         return {m: self.encoders[m](inputs[m]) for m in self.modalities}
 
-    def fuse(self, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
+    def fuse(self, embeddings: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The fused vector (B, fused_dim); baselines implement only this."""
         raise NotImplementedError
 
+    def combine(self, embeddings: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        """(fused vector, aux_loss, info); methods with penalties or statistics (DEQ) override this."""
+        return self.fuse(embeddings), None, {}
+
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> FusionOutput:
-        fused = self.fuse(self.encode(inputs))
-        return FusionOutput(self.head(fused), None, {})
+        fused, aux_loss, info = self.combine(self.encode(inputs))
+        return FusionOutput(self.head(fused), aux_loss, info)
 
 
 def require_equal_dims(dims: Mapping[str, int], method: str) -> int:

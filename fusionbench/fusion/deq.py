@@ -1,0 +1,311 @@
+"""Deep equilibrium multimodal fusion (Ni et al., "Deep Equilibrium Multimodal Fusion").
+
+State z = [z_1, ..., z_N, z_fuse], each of width d, solved jointly for the fixed point (eq. 14)
+of
+
+    per-modality blocks (eq. 8):   z_i <- f_theta_i(z_i; x_i)
+        zh_i = ReLU(GN(A_i z_i + a_i));  zt_i = GN(B_i zh_i + x_i + b_i);  f = GN(ReLU(zt_i [+ z_i]))
+    purify-then-combine (eqs. 9-11), with the freshly updated z_i:
+        alpha_i = G(z_fuse + z_i) = W_a (z_fuse + z_i) + b_a;   z'_i = alpha_i * z_fuse
+        z_fuse <- GN(ReLU(W_f sum_i z'_i + b_f + x_fuse))
+    injection (eq. 12):            x_fuse = sum_i w_i x_i,  w_i learnable, initialised to 1
+
+by a root solver on g = f(z) - z (eqs. 15-17), with implicit differentiation through the
+equilibrium (Theorem 1, eqs. 5-6) or phantom gradients, both from torchdeq. The head reads z_fuse*.
+
+Where the public code differs from the paper, the option and its default:
+- ``residual=True``: the code adds z_i back before the last ReLU of f_theta_i (eq. 8 has no such
+  term). Default on: it is what produced the reported numbers.
+- ``gate="linear"``: the code's G is a bare linear layer (no sigmoid), as eq. 9 also writes it;
+  ``gate="sigmoid"`` gives the "soft gate" of the prose.
+- ``groups=4``: GroupNorm groups are hard-coded to 4 in the code.
+- ``residual_norm="batch"``: the code's solver stops on one absolute residual norm over the whole
+  batch; the default ``"sample"`` uses torchdeq's per-sample norms (``f_stop_mode`` rel or abs).
+- ``f_max_iter/b_max_iter``: the public BRCA scripts use 105/106 (module defaults 55/56).
+
+Ablations of Tables 5-7 (paper §3.2): ``use_f_theta=False`` sets z_i = x_i; ``use_f_fuse=False`` sets
+z_fuse = sum_i w_i z_i (no purify-then-combine, so no gate); ``recursion=False`` applies every
+function once from z = 0; ``use_gate=False`` sets z'_i = z_i. ``mode="unrolled"`` iterates the same
+layer ``unroll_steps`` times from zero and backpropagates through every step (the weight-tied
+baseline of Figure 4).
+
+All N modality blocks run as one batched matrix product per layer, so a solver step costs the same
+number of kernel launches for 2 or 20 modalities.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torchdeq import get_deq
+from torchdeq.loss import jac_reg
+from torchdeq.solver import get_solver, register_solver
+
+from fusionbench.errors import ConfigError, TrainingError
+from fusionbench.fusion.base import EncoderFusion, require_equal_dims
+
+log = logging.getLogger(__name__)
+
+SOLVERS = ("anderson", "broyden", "fixed_point_iter")
+
+
+def _batch_global(solver_name: str):
+    """A torchdeq solver that measures the residual over the whole batch at once (public DEQ code)."""
+    solver = get_solver(solver_name)
+
+    def solve(func, x0, **kwargs):
+        shape = x0.shape
+        z, states, info = solver(lambda z: func(z.reshape(shape)).reshape(1, -1), x0.reshape(1, -1), **kwargs)
+        info = {k: (v.expand(shape[0]) if torch.is_tensor(v) and v.dim() == 1 and v.numel() == 1 else v) for k, v in info.items()}
+        return z.reshape(shape), [s.reshape(shape) for s in states], info
+
+    return solve
+
+
+for _name in SOLVERS:
+    register_solver(f"{_name}_global", _batch_global(_name))
+
+
+class BatchedGroupNorm(nn.Module):
+    """GroupNorm applied to (B, N, d) with separate affine parameters for each of the N slots."""
+
+    def __init__(self, slots: int, dim: int, groups: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.groups, self.eps = groups, eps
+        self.weight = nn.Parameter(torch.ones(slots, dim))
+        self.bias = nn.Parameter(torch.zeros(slots, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        g = x.reshape(b, n, self.groups, d // self.groups)
+        mean = g.mean(-1, keepdim=True)
+        var = g.var(-1, unbiased=False, keepdim=True)
+        g = (g - mean) * torch.rsqrt(var + self.eps)
+        return g.reshape(b, n, d) * self.weight + self.bias
+
+
+class BatchedLinear(nn.Module):
+    """N independent Linear(d, d) layers applied as one batched product on (B, N, d)."""
+
+    def __init__(self, slots: int, dim: int) -> None:
+        super().__init__()
+        bound = 1 / math.sqrt(dim)  # nn.Linear's default initialisation, per slot
+        self.weight = nn.Parameter(torch.empty(slots, dim, dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(slots, dim).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bnd,ned->bne", x, self.weight) + self.bias
+
+
+class DEQFusion(EncoderFusion):
+    """Args:
+        encoders, num_outputs, head_hidden, head_dropout: see `EncoderFusion`; every encoder must output
+            the fusion width d (project in the backbone), divisible by ``groups``.
+        use_f_theta, use_f_fuse, recursion, use_gate: ablation switches (module docstring).
+        mode: ``"deq"`` (solve for the equilibrium) or ``"unrolled"`` (weight-tied, ``unroll_steps`` layers).
+        unroll_steps: depth of the unrolled mode.
+        residual: add z_i inside f_theta_i as the public code does.
+        gate: ``"linear"`` (code, eq. 9) or ``"sigmoid"``.
+        groups: GroupNorm groups.
+        dropout: dropout on the fused state after each f_fuse application (the public BRCA code's
+            "dropout in fusion layer"); 0 disables it.
+        f_solver, b_solver: ``anderson``, ``broyden`` or ``fixed_point_iter`` (forward / backward).
+        f_max_iter, b_max_iter, f_tol, b_tol: iteration caps and tolerances.
+        f_stop_mode, b_stop_mode: ``"rel"`` or ``"abs"`` residual.
+        residual_norm: ``"sample"`` (per-sample norms, stop when every sample converged) or ``"batch"``
+            (one norm over the batch, public code).
+        eval_f_max_iter: forward cap at evaluation (default: ``f_max_iter``).
+        grad: ``"ift"`` (implicit differentiation, Theorem 1) or ``"phantom"`` (phantom gradient).
+        phantom_steps, phantom_tau: steps and damping of the phantom gradient.
+        jac_weight: weight of the Jacobian regulariser ||J_f||_F^2 / numel (Hutchinson) in ``aux_loss``.
+        jac_freq: probability of computing it at a training step. jac_vecs: random vectors per estimate.
+        max_failures: consecutive training steps whose solve failed before training stops.
+        failure_tol: a solve fails when its residual (``f_stop_mode``) stays above this, or is not finite.
+            Looser than ``f_tol`` on purpose: an untrained layer rarely reaches ``f_tol`` and need not.
+    """
+
+    def __init__(
+        self,
+        encoders,
+        num_outputs: int,
+        use_f_theta: bool = True,
+        use_f_fuse: bool = True,
+        recursion: bool = True,
+        use_gate: bool = True,
+        mode: str = "deq",
+        unroll_steps: int = 6,
+        residual: bool = True,
+        gate: str = "linear",
+        groups: int = 4,
+        dropout: float = 0.0,
+        f_solver: str = "anderson",
+        b_solver: str = "anderson",
+        f_max_iter: int = 55,
+        b_max_iter: int = 56,
+        f_tol: float = 1e-3,
+        b_tol: float = 1e-6,
+        f_stop_mode: str = "rel",
+        b_stop_mode: str = "rel",
+        residual_norm: str = "sample",
+        eval_f_max_iter: int | None = None,
+        grad: str = "ift",
+        phantom_steps: int = 5,
+        phantom_tau: float = 0.5,
+        jac_weight: float = 0.0,
+        jac_freq: float = 1.0,
+        jac_vecs: int = 2,
+        max_failures: int = 100,
+        failure_tol: float = 0.1,
+        head_hidden=(),
+        head_dropout: float = 0.0,
+    ) -> None:
+        super().__init__(encoders, num_outputs, head_hidden=head_hidden, head_dropout=head_dropout)
+        choices = {
+            "mode": (mode, ("deq", "unrolled")),
+            "gate": (gate, ("linear", "sigmoid")),
+            "f_solver": (f_solver, SOLVERS),
+            "b_solver": (b_solver, SOLVERS),
+            "f_stop_mode": (f_stop_mode, ("rel", "abs")),
+            "b_stop_mode": (b_stop_mode, ("rel", "abs")),
+            "residual_norm": (residual_norm, ("sample", "batch")),
+            "grad": (grad, ("ift", "phantom")),
+        }
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ConfigError(f"fusion.{key}={value!r} is not one of {list(allowed)}.")
+        if jac_weight < 0 or not 0 <= jac_freq <= 1:
+            raise ConfigError(f"fusion.jac_weight must be >= 0 and jac_freq in [0, 1], got {jac_weight}, {jac_freq}.")
+        d = require_equal_dims(self.embed_dims, "DEQ fusion")
+        if d % groups:
+            raise ConfigError(f"DEQ fusion width {d} is not divisible by fusion.groups={groups}; change the encoders' output width or the groups.")
+        n = len(self.modalities)
+        self.width, self.num_modalities = d, n
+        self.use_f_theta, self.use_f_fuse, self.recursion, self.use_gate = use_f_theta, use_f_fuse, recursion, use_gate
+        self.mode, self.unroll_steps, self.residual, self.gate_kind = mode, unroll_steps, residual, gate
+        self.jac_weight, self.jac_freq, self.jac_vecs = jac_weight, jac_freq, jac_vecs
+        self.max_failures, self.failure_tol, self.f_tol = max_failures, failure_tol, f_tol
+        self.f_stop_mode = f_stop_mode
+        self.consecutive_failures = 0
+
+        self.inject_weights = nn.Parameter(torch.ones(n))  # w_i of eq. 12
+        if use_f_theta:  # eq. 8, all modalities batched
+            self.lin1, self.lin2 = BatchedLinear(n, d), BatchedLinear(n, d)
+            self.gn1, self.gn2, self.gn3 = (BatchedGroupNorm(n, d, groups) for _ in range(3))
+        if use_f_fuse:  # eqs. 9-11
+            self.gate = nn.Linear(d, d) if use_gate else None
+            self.fuse_lin = nn.Linear(d, d)
+            self.fuse_gn = BatchedGroupNorm(1, d, groups)
+            self.fuse_drop = nn.Dropout(dropout)
+        suffix = "_global" if residual_norm == "batch" else ""
+        self.deq = get_deq(
+            core="sliced",
+            ift=grad == "ift",
+            grad=phantom_steps if grad == "phantom" else 1,
+            tau=phantom_tau if grad == "phantom" else 1.0,
+            f_solver=f_solver + suffix,
+            b_solver=b_solver + suffix,
+            f_max_iter=f_max_iter,
+            b_max_iter=b_max_iter,
+            f_tol=f_tol,
+            b_tol=b_tol,
+            f_stop_mode=f_stop_mode,
+            b_stop_mode=b_stop_mode,
+            eval_f_max_iter=eval_f_max_iter or 0,
+            norm_type="none",
+        )
+        self.fused_dim = d
+        self.build_head()
+
+    # -- the layer ---------------------------------------------------------------------------
+    def f_theta(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Eq. 8 for all modalities at once; z, x: (B, N, d)."""
+        if not self.use_f_theta:
+            return x
+        zh = torch.relu(self.gn1(self.lin1(z)))
+        zt = self.gn2(self.lin2(zh) + x)
+        return self.gn3(torch.relu(zt + z if self.residual else zt))
+
+    def alpha(self, z_fuse: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Eq. 9: gate weights per modality, (B, N, d)."""
+        a = self.gate(z_fuse.unsqueeze(1) + z)
+        return torch.sigmoid(a) if self.gate_kind == "sigmoid" else a
+
+    def f_fuse(self, z_fuse: torch.Tensor, z: torch.Tensor, x_fuse: torch.Tensor) -> torch.Tensor:
+        """Eqs. 10-11 with the freshly updated z (B, N, d); z_fuse, x_fuse: (B, d)."""
+        if not self.use_f_fuse:
+            return torch.einsum("bnd,n->bd", z, self.inject_weights)
+        purified = self.alpha(z_fuse, z) * z_fuse.unsqueeze(1) if self.use_gate else z
+        out = self.fuse_gn(torch.relu(self.fuse_lin(purified.sum(1)) + x_fuse).unsqueeze(1)).squeeze(1)
+        return self.fuse_drop(out)
+
+    def layer(self, state: torch.Tensor, x: torch.Tensor, x_fuse: torch.Tensor) -> torch.Tensor:
+        """One application of f on the stacked state (B, N+1, d)."""
+        z, z_fuse = state[:, :-1], state[:, -1]
+        z_new = self.f_theta(z, x)
+        return torch.cat([z_new, self.f_fuse(z_fuse, z_new, x_fuse).unsqueeze(1)], dim=1)
+
+    # -- solving -----------------------------------------------------------------------------
+    def combine(self, embeddings: Mapping[str, torch.Tensor]):
+        x = torch.stack([embeddings[m] for m in self.modalities], dim=1)  # (B, N, d)
+        x_fuse = torch.einsum("bnd,n->bd", x, self.inject_weights)  # eq. 12
+        func = lambda s: self.layer(s, x, x_fuse)  # noqa: E731
+        state0 = x.new_zeros(x.shape[0], self.num_modalities + 1, self.width)
+        info: dict[str, torch.Tensor | float] = {}
+        aux = None
+        if not self.recursion:
+            state = func(state0)
+        elif self.mode == "unrolled":
+            state = state0
+            for _ in range(self.unroll_steps):
+                prev, state = state, func(state)
+            info["deq/rel_residual"] = self._rel(state - prev, state).mean().detach()
+        elif not self.use_f_theta and not (self.use_f_fuse and self.use_gate):
+            # f does not read its state (z_i = x_i, and z_fuse is not fed back): one application is exact
+            state = func(state0)
+        else:
+            states, stats = self.deq(func, state0)
+            state = states[-1]
+            info.update(self._solver_info(stats))
+            if self.training and self.jac_weight > 0 and random.random() < self.jac_freq:
+                z_star = state.detach().requires_grad_()
+                aux = self.jac_weight * jac_reg(func(z_star), z_star, vecs=self.jac_vecs)
+                info["deq/jac_loss"] = aux.detach() / self.jac_weight
+        return state[:, -1], aux, info
+
+    @staticmethod
+    def _rel(diff: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        return diff.flatten(1).norm(dim=1) / (ref.flatten(1).norm(dim=1) + 1e-9)
+
+    def _solver_info(self, stats: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        residual = stats[f"{self.f_stop_mode}_lowest"].detach()
+        if self.training:
+            # one host sync per training step: decides whether training may go on
+            if bool((residual <= self.failure_tol).all()):  # NaN compares False: a NaN solve has failed
+                self.consecutive_failures = 0
+            else:
+                self.consecutive_failures += 1
+                warn = self.consecutive_failures in (1, 10) or self.consecutive_failures % 50 == 0
+                (log.warning if warn else log.debug)(
+                    "DEQ solve did not converge: %s residual %.3g after %d steps (%d consecutive)",
+                    self.f_stop_mode, float(residual.max()), int(stats["nstep"].max()), self.consecutive_failures,
+                )
+                if self.consecutive_failures >= self.max_failures:
+                    raise TrainingError(
+                        f"The DEQ fusion solver failed to converge on {self.consecutive_failures} consecutive training "
+                        f"steps (last {self.f_stop_mode} residual {float(residual.max()):.3g}, tolerance "
+                        f"{self.failure_tol:.3g}). Try more iterations (fusion.f_max_iter), a Jacobian penalty "
+                        "(fusion.jac_weight=1.0 or more), another solver (fusion.f_solver=broyden), or a lower learning rate."
+                    )
+        return {
+            "deq/nstep": stats["nstep"].float().mean(),
+            f"deq/{self.f_stop_mode}_residual": residual.mean(),
+            "deq/abs_residual": stats["abs_lowest"].detach().mean(),
+            "deq/converged": (residual <= self.f_tol).float().mean(),  # share of samples within f_tol
+        }
+
+    def fuse(self, embeddings: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.combine(embeddings)[0]

@@ -1,0 +1,249 @@
+"""DEQ fusion: fixed points, implicit gradients, ablation switches, solver failures, MM-Dynamics."""
+from __future__ import annotations
+
+import itertools
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from fusionbench.encoders import IdentityEncoder, MLPEncoder
+from fusionbench.errors import ConfigError, TrainingError
+from fusionbench.fusion import ConcatFusion, DEQFusion, MMDynamics
+
+WIDTH = 64  # 16 channels per GroupNorm group; with 2 per group GN is close to a sign function
+
+
+def identity_encoders(n: int = 2, width: int = WIDTH) -> nn.ModuleDict:
+    return nn.ModuleDict({f"m{i}": IdentityEncoder(width) for i in range(n)})
+
+
+def inputs(n: int = 2, batch: int = 4, width: int = WIDTH, dtype=torch.float32, grad=False) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return {f"m{i}": torch.randn(batch, width, generator=g, dtype=dtype).requires_grad_(grad) for i in range(n)}
+
+
+def contractive(model: DEQFusion, scale: float = 0.3) -> DEQFusion:
+    """Shrink the weight matrices so the layer is a contraction and solvers converge tightly."""
+    with torch.no_grad():
+        for p in (model.lin1.weight, model.lin2.weight, model.gate.weight, model.fuse_lin.weight):
+            p.mul_(scale)
+    return model
+
+
+def tight(**kw) -> dict:
+    return dict(f_max_iter=200, b_max_iter=200, f_tol=1e-11, b_tol=1e-11, f_stop_mode="abs", b_stop_mode="abs", max_failures=10**9, **kw)
+
+
+@pytest.fixture
+def float64():
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+def test_returned_state_is_a_fixed_point():
+    torch.manual_seed(0)
+    model = contractive(DEQFusion(identity_encoders(3), num_outputs=2, f_tol=1e-5, f_max_iter=200)).eval()
+    x = inputs(3)
+    fused, _, info = model.combine(x)
+    assert float(info["deq/converged"]) == 1.0 and float(info["deq/rel_residual"]) <= 1e-5
+    # applying the layer once more changes nothing
+    xs = torch.stack([x[m] for m in model.modalities], 1)
+    x_fuse = torch.einsum("bnd,n->bd", xs, model.inject_weights)
+    state = torch.zeros(4, 4, WIDTH)
+    for _ in range(300):  # plain iteration reaches the same equilibrium
+        state = model.layer(state, xs, x_fuse)
+    assert torch.allclose(fused, state[:, -1], atol=1e-4)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_implicit_gradients_match_a_long_unrolled_solve(float64, residual):
+    torch.manual_seed(0)
+    deq = contractive(DEQFusion(identity_encoders(), num_outputs=3, residual=residual, **tight()))
+    unrolled = DEQFusion(identity_encoders(), num_outputs=3, residual=residual, mode="unrolled", unroll_steps=400)
+    unrolled.load_state_dict(deq.state_dict())
+    x = inputs(dtype=torch.float64, grad=True)
+    wrt = lambda m: [x["m0"], x["m1"], m.lin1.weight, m.gate.weight, m.fuse_lin.bias, m.inject_weights]  # noqa: E731
+    g_ift = torch.autograd.grad(deq(x).logits.square().sum(), wrt(deq))
+    g_unr = torch.autograd.grad(unrolled(x).logits.square().sum(), wrt(unrolled))
+    for a, b in zip(g_ift, g_unr):
+        assert float((a - b).norm() / b.norm()) < (1e-4 if residual else 1e-8)  # residual=True contracts slower
+
+
+def test_implicit_gradient_matches_finite_differences(float64):
+    torch.manual_seed(1)
+    model = contractive(DEQFusion(identity_encoders(), num_outputs=1, **tight()))
+    x = inputs(batch=2, dtype=torch.float64)
+    x["m0"].requires_grad_(True)
+    g = torch.autograd.grad(model(x).logits.sum(), x["m0"])[0]
+    eps = 1e-6
+    for idx in [(0, 0), (1, 5), (0, 33)]:
+        plus, minus = {k: v.detach().clone() for k, v in x.items()}, {k: v.detach().clone() for k, v in x.items()}
+        plus["m0"][idx] += eps
+        minus["m0"][idx] -= eps
+        with torch.no_grad():
+            fd = (model(plus).logits.sum() - model(minus).logits.sum()) / (2 * eps)
+        assert float(g[idx]) == pytest.approx(float(fd), rel=1e-4, abs=1e-8)
+
+
+def test_phantom_gradient_points_the_same_way(float64):
+    torch.manual_seed(0)
+    ift = contractive(DEQFusion(identity_encoders(), num_outputs=3, **tight()))
+    phantom = DEQFusion(identity_encoders(), num_outputs=3, grad="phantom", phantom_steps=20, phantom_tau=1.0, **tight())
+    phantom.load_state_dict(ift.state_dict())
+    x = inputs(dtype=torch.float64)
+    a = torch.autograd.grad(ift(x).logits.square().sum(), ift.lin1.weight)[0].flatten()
+    b = torch.autograd.grad(phantom(x).logits.square().sum(), phantom.lin1.weight)[0].flatten()
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99
+
+
+def test_recursion_off_is_one_application_from_zero():
+    torch.manual_seed(0)
+    model = DEQFusion(identity_encoders(3), num_outputs=2, recursion=False)
+    x = inputs(3)
+    fused, aux, info = model.combine(x)
+    xs = torch.stack([x[m] for m in model.modalities], 1)
+    once = model.layer(torch.zeros(4, 4, WIDTH), xs, torch.einsum("bnd,n->bd", xs, model.inject_weights))
+    assert torch.equal(fused, once[:, -1]) and aux is None and info == {}
+    # from zero the gate multiplies a zero z_fuse: the fused state is GN(ReLU(b_fuse + x_fuse))
+    x_fuse = xs.sum(1)
+    expected = model.fuse_gn(torch.relu(model.fuse_lin.bias + x_fuse).unsqueeze(1)).squeeze(1)
+    assert torch.allclose(fused, expected, atol=1e-6)
+
+
+def test_everything_off_is_the_weighted_sum():
+    model = DEQFusion(identity_encoders(), num_outputs=2, use_f_theta=False, use_f_fuse=False, recursion=False)
+    with torch.no_grad():
+        model.inject_weights.copy_(torch.tensor([2.0, -1.0]))
+    x = inputs()
+    assert torch.allclose(model.combine(x)[0], 2 * x["m0"] - x["m1"])
+    assert sum(p.numel() for p in model.parameters()) == 2 + (WIDTH * 2 + 2)  # w_i and the head only
+
+
+def test_ablated_parts_hold_no_parameters_and_act_as_the_paper_says():
+    x = inputs()
+    xs = torch.stack([x[m] for m in sorted(x)], 1)
+    no_theta = DEQFusion(identity_encoders(), num_outputs=2, use_f_theta=False)
+    assert not hasattr(no_theta, "lin1")
+    assert torch.equal(no_theta.f_theta(torch.randn_like(xs), xs), xs)  # z_i = x_i
+    no_fuse = DEQFusion(identity_encoders(), num_outputs=2, use_f_fuse=False)
+    assert not hasattr(no_fuse, "fuse_lin")
+    assert torch.allclose(no_fuse.f_fuse(torch.randn(4, WIDTH), xs, xs.sum(1)), xs.sum(1))  # z_fuse = sum_i w_i z_i
+    no_gate = DEQFusion(identity_encoders(), num_outputs=2, use_gate=False)
+    assert no_gate.gate is None
+
+
+@pytest.mark.parametrize(
+    "switches",
+    [dict(zip(("use_f_theta", "use_f_fuse", "recursion", "use_gate"), v)) for v in itertools.product([True, False], repeat=4)],
+)
+@pytest.mark.parametrize("mode", ["deq", "unrolled"])
+def test_every_ablation_runs_forward_and_backward(switches, mode):
+    torch.manual_seed(0)
+    model = DEQFusion(identity_encoders(3, 16), num_outputs=2, mode=mode, unroll_steps=3, f_max_iter=8, jac_weight=1.0, **switches)
+    x = inputs(3, width=16, grad=True)
+    out = model(x)
+    loss = out.logits.square().sum() + (out.aux_loss if out.aux_loss is not None else 0)
+    loss.backward()
+    assert torch.isfinite(out.logits).all() and x["m0"].grad is not None and torch.isfinite(x["m0"].grad).all()
+    used = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert {"head.0.weight", "inject_weights"} <= used
+
+
+def test_jacobian_penalty_reaches_the_layer_parameters():
+    torch.manual_seed(0)
+    model = DEQFusion(identity_encoders(), num_outputs=2, jac_weight=5.0, f_max_iter=20)
+    out = model(inputs())
+    assert out.aux_loss is not None and float(out.aux_loss) > 0
+    assert float(out.info["deq/jac_loss"]) == pytest.approx(float(out.aux_loss) / 5.0)
+    out.aux_loss.backward()
+    for p in (model.lin1.weight, model.lin2.weight, model.gate.weight, model.fuse_lin.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    model.eval()
+    assert model(inputs()).aux_loss is None  # only while training
+
+
+def test_batch_global_residual_mode_uses_one_norm_for_the_batch():
+    torch.manual_seed(0)
+    model = contractive(DEQFusion(identity_encoders(), num_outputs=2, residual_norm="batch", f_stop_mode="abs", f_tol=1e-4, f_max_iter=100))
+    _, _, info = model.eval().combine(inputs(batch=5))
+    # the batch is solved as one vector, so every sample reports the same step count
+    assert float(info["deq/nstep"]) == int(info["deq/nstep"])
+    assert float(info["deq/abs_residual"]) < 2e-4  # one norm over all 5 samples
+
+
+@pytest.mark.parametrize("solver", ["anderson", "broyden", "fixed_point_iter"])
+def test_every_solver_converges_on_a_contraction(solver):
+    torch.manual_seed(0)
+    model = contractive(DEQFusion(identity_encoders(), num_outputs=2, f_solver=solver, b_solver=solver, f_tol=1e-5, f_max_iter=200))
+    _, _, info = model.eval().combine(inputs())
+    assert float(info["deq/converged"]) == 1.0
+
+
+def test_non_convergence_is_logged_then_stops_training(caplog):
+    torch.manual_seed(0)
+    model = DEQFusion(identity_encoders(3, 8), num_outputs=2, f_max_iter=3, failure_tol=1e-9, max_failures=3)
+    x = inputs(3, width=8)
+    with caplog.at_level(logging.WARNING, logger="fusionbench.fusion.deq"):
+        model(x)
+        model(x)
+    assert "did not converge" in caplog.text and model.consecutive_failures == 2
+    with pytest.raises(TrainingError, match="3 consecutive training steps.*fusion.f_max_iter.*jac_weight"):
+        model(x)
+    model.eval()
+    model(x)  # evaluation never stops
+
+
+def test_misspelt_or_invalid_knobs_fail():
+    with pytest.raises(TypeError, match="f_stop_mod"):
+        DEQFusion(identity_encoders(), num_outputs=2, f_stop_mod="abs")
+    with pytest.raises(ConfigError, match=r"fusion.f_solver='andersen' is not one of"):
+        DEQFusion(identity_encoders(), num_outputs=2, f_solver="andersen")
+    with pytest.raises(ConfigError, match="same width"):
+        DEQFusion(nn.ModuleDict({"a": IdentityEncoder(8), "b": IdentityEncoder(12)}), num_outputs=2)
+    with pytest.raises(ConfigError, match="not divisible by fusion.groups=4"):
+        DEQFusion(identity_encoders(width=10), num_outputs=2)
+
+
+def test_modality_blocks_are_independent_per_modality():
+    """The batched product equals N separate Linear layers."""
+    torch.manual_seed(0)
+    model = DEQFusion(identity_encoders(3, 16), num_outputs=2)
+    z = torch.randn(5, 3, 16)
+    out = model.lin1(z)
+    for i in range(3):
+        expected = z[:, i] @ model.lin1.weight[i].T + model.lin1.bias[i]
+        assert torch.allclose(out[:, i], expected, atol=1e-6)
+    gn = nn.GroupNorm(4, 16)
+    with torch.no_grad():
+        gn.weight.copy_(model.gn1.weight[1] + 0.5)
+        model.gn1.weight[1].add_(0.5)
+    assert torch.allclose(model.gn1(z)[:, 1], gn(z[:, 1]), atol=1e-5)
+
+
+def test_mmdynamics_losses_and_fusions():
+    torch.manual_seed(0)
+    enc = nn.ModuleDict({m: MLPEncoder(6, [16], dropout=0.5) for m in ("meth", "mrna")})
+    x = {m: torch.rand(8, 6) for m in enc}
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    for fusion in (ConcatFusion, lambda **kw: DEQFusion(f_max_iter=10, **kw)):
+        model = MMDynamics(enc, num_outputs=3, fusion=fusion)
+        out = model(x)
+        assert out.logits.shape == (8, 3)
+        terms = model.target_loss(out, y)
+        # hand computation of the per-view terms
+        view = {}
+        for m in ("meth", "mrna"):
+            logits = out.extras["tcp_logits"][m]
+            p = logits.softmax(1)[torch.arange(8), y]
+            view[m] = out.extras["gate"][m].mean() + ((out.extras["confidence"][m].squeeze(1) - p) ** 2).mean()
+            view[m] = view[m] + torch.nn.functional.cross_entropy(logits, y)
+        assert torch.allclose(terms, view["meth"] + view["mrna"])
+        # the public DEQ code's recursion r = 1.5: 1.5^2 CE + 1.5 (meth terms) + (mrna terms), CE added by the task
+        model.view_loss_recursion = 1.5
+        ce = torch.nn.functional.cross_entropy(out.logits, y)
+        assert torch.allclose(model.target_loss(out, y) + ce, 2.25 * ce + 1.5 * view["meth"] + view["mrna"])
+        terms.backward()
+        assert model.informativeness["mrna"].weight.grad.abs().sum() > 0
