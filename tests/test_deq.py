@@ -247,3 +247,13 @@ def test_mmdynamics_losses_and_fusions():
         assert torch.allclose(model.target_loss(out, y) + ce, 2.25 * ce + 1.5 * view["meth"] + view["mrna"])
         terms.backward()
         assert model.informativeness["mrna"].weight.grad.abs().sum() > 0
+
+
+def test_pickles_for_ddp_spawn():
+    import pickle
+
+    torch.manual_seed(0)
+    model = DEQFusion(identity_encoders(), num_outputs=2, f_max_iter=10).eval()
+    copy = pickle.loads(pickle.dumps(model))
+    x = inputs()
+    assert torch.equal(model(x).logits, copy(x).logits)

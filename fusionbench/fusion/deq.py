@@ -201,7 +201,7 @@ class DEQFusion(EncoderFusion):
             self.fuse_gn = BatchedGroupNorm(1, d, groups)
             self.fuse_drop = nn.Dropout(dropout)
         suffix = "_global" if residual_norm == "batch" else ""
-        self.deq = get_deq(
+        self._deq_kwargs = dict(
             core="sliced",
             ift=grad == "ift",
             grad=phantom_steps if grad == "phantom" else 1,
@@ -217,8 +217,19 @@ class DEQFusion(EncoderFusion):
             eval_f_max_iter=eval_f_max_iter or 0,
             norm_type="none",
         )
+        self.deq = get_deq(**self._deq_kwargs)
         self.fused_dim = d
         self.build_head()
+
+    # torchdeq's solver object holds closures, which ddp_spawn cannot pickle: rebuild it instead
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_modules"] = {k: v for k, v in state["_modules"].items() if k != "deq"}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.deq = get_deq(**self._deq_kwargs).train(self.training)
 
     # -- the layer ---------------------------------------------------------------------------
     def f_theta(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
