@@ -65,7 +65,9 @@ def _float(v: Any) -> float:
     return float(v.item() if isinstance(v, torch.Tensor) else v)
 
 
-def runtime_info(cfg, dm, task, trainer: pl.Trainer, test_metrics: dict, test_ckpt: str | None, wall_time_s: float) -> dict[str, Any]:
+def runtime_info(
+    cfg, dm, task, trainer: pl.Trainer, test_metrics: dict, test_ckpt: str | None, wall_time_s: float, git: dict | None = None
+) -> dict[str, Any]:
     """Everything a table or a later reader needs to know about a finished run."""
     choices, overrides = hydra_choices(cfg)
     ckpt_cb = trainer.checkpoint_callback
@@ -95,7 +97,7 @@ def runtime_info(cfg, dm, task, trainer: pl.Trainer, test_metrics: dict, test_ck
         "data": dm.describe(),
         "params": {"total": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in params if p.requires_grad)},
         "wall_time_s": round(wall_time_s, 2),
-        "git": git_state(),
+        "git": git or git_state(),
         "versions": {"fusionbench": __version__, "torch": torch.__version__, "pytorch_lightning": pl.__version__},
         "fast_dev_run": bool(cfg.trainer.get("fast_dev_run", False)),
     }

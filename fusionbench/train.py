@@ -24,7 +24,7 @@ from torch import nn
 from fusionbench import ROOT
 from fusionbench.data.base import FusionDataModule
 from fusionbench.errors import ConfigError, FusionbenchError
-from fusionbench.records import RunRecord, runtime_info
+from fusionbench.records import RunRecord, git_state, runtime_info
 from fusionbench.task import FusionTask
 
 log = logging.getLogger("fusionbench")
@@ -100,6 +100,7 @@ def build(cfg: DictConfig) -> tuple[FusionDataModule, FusionTask]:
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run one experiment; returns (the run record, the objects built)."""
     start = time.time()
+    git = git_state()  # the code this process runs: taken before any later edit of the work tree
     output_dir = Path(cfg.paths.output_dir)
     record = RunRecord(output_dir)
     if cfg.train and record.is_complete() and not cfg.get("force", False):
@@ -122,7 +123,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         test_ckpt = ckpt_path
     test_metrics = trainer.test(task, datamodule=dm, ckpt_path=test_ckpt)[0] if cfg.test else {}
 
-    result = runtime_info(cfg, dm, task, trainer, test_metrics, test_ckpt, wall_time_s=time.time() - start)
+    result = runtime_info(cfg, dm, task, trainer, test_metrics, test_ckpt, wall_time_s=time.time() - start, git=git)
     if trainer.is_global_zero and not (cfg.trainer.get("fast_dev_run") and cfg.train):
         record.write(result)
     return result, {"datamodule": dm, "task": task, "trainer": trainer}

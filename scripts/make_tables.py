@@ -22,7 +22,7 @@ def main() -> None:
     args = p.parse_args()
     rendered = build_tables(args.tables, args.out, args.root, args.only)
     for name in sorted(rendered):
-        print(f"wrote {args.out / name}.md/.csv/.tex")
+        print(f"wrote {args.out / name}.*")
     if not args.no_readme and not args.only:
         changed = update_readme(ROOT / "README.md", rendered)
         print("README.md tables block " + ("updated" if changed else "unchanged"))

@@ -63,7 +63,7 @@ def test_table_values_missing_rows_and_reported_columns(project):
     assert "| Method | 2/3 | 55.0 ± 7.1 | — |" in lines
     assert "| Never run | 0/3 | — | — |" in lines  # kept, never silently dropped
     assert "python train.py experiment=demo_missing sweep=seeds" in md
-    assert "Method: 2/3" in md and "not ours" in md
+    assert "Method: 2/3" in md and "not measured by us" in md
     csv = (project / "out" / "demo.csv").read_text().splitlines()
     assert csv[1].startswith("Base,demo_base,3,3,0.8,0.1,0.8")
     tex = (project / "out" / "demo.tex").read_text()
@@ -103,5 +103,25 @@ def test_shipped_tables_match_committed_records(tmp_path):
     """`make tables` on a clean clone regenerates the committed results/ files exactly."""
     rendered = build_tables(ROOT / "configs" / "tables", tmp_path, ROOT)
     for name in rendered:
-        for ext in ("md", "csv", "tex"):
-            assert (tmp_path / f"{name}.{ext}").read_text() == (ROOT / "results" / f"{name}.{ext}").read_text(), name
+        for path in tmp_path.glob(f"{name}.*"):
+            assert path.read_bytes() == (ROOT / "results" / path.name).read_bytes(), path.name
+
+
+def test_convergence_table_and_figures(tmp_path):
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables" / "conv.yaml").write_text(
+        "name: conv\nkind: convergence\ntitle: Conv\nseeds: 2\nsteps: [1, 3]\nreported_source: paper\n"
+        "rows:\n  - {label: DEQ, experiment: e_deq, reported: {1: 0.5, 3: 0.01}}\n"
+        "  - {label: Tied, experiment: e_tied, trace: iteration_rel_diff}\n"
+    )
+    for seed, scale in enumerate([1.0, 3.0]):
+        folder = write_run(tmp_path, "e_deq", seed, 0.5)
+        diag = {"solver_rel_residual": [0.2 * scale, None, 0.002 * scale], "iteration_rel_diff": [1, 1, 1],
+                "gate_share": {"a": [0.25, 0.5, 0.5], "b": [0.75, 0.5, 0.5]}}
+        (folder / "diagnostics.json").write_text(json.dumps(diag))
+    md = build_tables(tmp_path / "tables", tmp_path / "out", tmp_path)["conv"]
+    assert "| DEQ | solver_rel_residual | 2/2 | 4.00e-01 | 4.00e-03 |" in md  # means of (0.2, 0.6), (0.002, 0.006)
+    assert "| DEQ (reported: paper) | solver_rel_residual |  | 5.00e-01 | 1.00e-02 |" in md
+    assert "| Tied | iteration_rel_diff | 0/2 | — | — |" in md and "e_tied" in md
+    assert (tmp_path / "out" / "conv.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "conv_gates.png").stat().st_size > 1000

@@ -119,3 +119,16 @@ def test_multirun_seed_sweep_into_deterministic_folders(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     seeds = sorted(json.loads(p.read_text())["seed"] for p in tmp_path.glob("baselines_rosmap_mirna/seed=*/metrics.json"))
     assert seeds == [0, 1]
+
+
+def test_deq_run_writes_convergence_diagnostics(make_cfg):
+    cfg = make_cfg(["dataset=synthetic", "fusion=deq", *FAST, "callbacks.deq_diagnostics.steps=7"])
+    train(cfg)
+    with open(os.path.join(cfg.paths.output_dir, "diagnostics.json")) as f:
+        diag = json.load(f)
+    assert diag["steps"] == 7 and diag["mode"] == "deq" and diag["batch_size"] == 32
+    assert len(diag["iteration_rel_diff"]) == 7 and len(diag["solver_rel_residual"]) == 7
+    shares = diag["gate_share"]
+    assert sorted(shares) == ["audio", "image", "text"]
+    for step in range(7):  # normalised over modalities at every step
+        assert sum(shares[m][step] for m in shares) == pytest.approx(1.0)

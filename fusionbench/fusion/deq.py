@@ -287,6 +287,38 @@ class DEQFusion(EncoderFusion):
                 info["deq/jac_loss"] = aux.detach() / self.jac_weight
         return state[:, -1], aux, info
 
+    @torch.no_grad()
+    def trace(self, embeddings: Mapping[str, torch.Tensor], steps: int = 100) -> dict[str, list[float]]:
+        """Convergence diagnostics of Table 8 and Figures 3-4 on one batch, as batch means per step.
+
+        ``iteration_rel_diff[j]``: ||z_fuse^[j+1] - z_fuse^[j]|| / ||z_fuse^[j]|| under plain iteration of the
+        layer from zero (steps 1..``steps``; what a weight-tied network computes). ``solver_rel_residual[j]``:
+        the forward solver's relative residual ||f(z) - z|| / ||f(z)|| at step j+1 with early stopping off.
+        ``gate_share[m][j]``: mean |alpha_m| over features and batch, normalised over modalities (Figure 3).
+        """
+        x = torch.stack([embeddings[m] for m in self.modalities], dim=1)
+        x_fuse = torch.einsum("bnd,n->bd", x, self.inject_weights)
+        state = x.new_zeros(x.shape[0], self.num_modalities + 1, self.width)
+        rel, gates = [], []
+        for _ in range(steps + 1):
+            new = self.layer(state, x, x_fuse)
+            if self.use_f_fuse and self.use_gate:
+                a = self.alpha(state[:, -1], new[:, :-1]).abs().mean(dim=(0, 2))
+                gates.append((a / a.sum()).tolist())
+            rel.append(self._rel(new[:, -1] - state[:, -1], state[:, -1]).mean().item())
+            state = new
+        out: dict = {"iteration_rel_diff": rel[1:]}  # step 0 divides by the zero initial state
+        if gates:
+            out["gate_share"] = {m: [g[i] for g in gates[1:]] for i, m in enumerate(self.modalities)}
+        if self.recursion and self.mode == "deq":
+            solver = get_solver(self._deq_kwargs["f_solver"])
+            func = lambda s: self.layer(s, x, x_fuse)  # noqa: E731
+            _, _, info = solver(func, torch.zeros_like(state), max_iter=steps + 1, tol=0.0, stop_mode="rel")
+            # torchdeq pre-fills the steps its solver has not reached with 1e8: report them as missing
+            means = [float(t.mean()) for t in info["rel_trace"].reshape(len(state), -1).T][:steps]
+            out["solver_rel_residual"] = [v if v < 1e6 else None for v in means]
+        return out
+
     @staticmethod
     def _rel(diff: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         return diff.flatten(1).norm(dim=1) / (ref.flatten(1).norm(dim=1) + 1e-9)

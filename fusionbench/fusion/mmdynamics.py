@@ -68,7 +68,8 @@ class MMDynamics(nn.Module):
         self.fusion = fusion(encoders=nn.ModuleDict({m: IdentityEncoder(hidden[m]) for m in self.modalities}), num_outputs=num_outputs)
         _xavier(self.fusion.head)
 
-    def forward(self, inputs: Mapping[str, torch.Tensor]) -> FusionOutput:
+    def features(self, inputs: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+        """The confidence-weighted view features that enter the fusion, and what the losses need."""
         features, extras = {}, {"gate": {}, "tcp_logits": {}, "confidence": {}}
         for m in self.modalities:
             if m not in inputs:
@@ -79,6 +80,10 @@ class MMDynamics(nn.Module):
             conf = self.tcp_confidence[m](h)
             extras["gate"][m], extras["tcp_logits"][m], extras["confidence"][m] = gate, self.tcp_classifier[m](h), conf
             features[m] = h * conf
+        return features, extras
+
+    def forward(self, inputs: Mapping[str, torch.Tensor]) -> FusionOutput:
+        features, extras = self.features(inputs)
         fused, aux, info = self.fusion.combine(features)
         info = {**info, **{f"mmd/confidence_{m}": extras["confidence"][m].detach().mean() for m in self.modalities}}
         return FusionOutput(self.fusion.head(fused), aux, info, extras)

@@ -24,6 +24,7 @@ import yaml
 
 from fusionbench import ROOT
 from fusionbench.results.collect import collect_runs
+from fusionbench.results.figures import convergence_figures, convergence_markdown, convergence_rows
 
 DASH = "—"
 README_START, README_END = "<!-- tables:start -->", "<!-- tables:end -->"
@@ -46,8 +47,11 @@ class Metric:
 class TableSpec:
     name: str
     title: str
-    metrics: list[Metric]
     rows: list[dict[str, Any]]
+    metrics: list[Metric] = field(default_factory=list)
+    kind: str = "metrics"  # or "convergence" (fusionbench/results/figures.py)
+    steps: list[int] = field(default_factory=lambda: [1, 10, 20, 40, 100])
+    trace: str = "solver_rel_residual"
     seeds: int = 5
     runs: list[str] = field(default_factory=lambda: ["results/runs"])
     command: str = "python train.py experiment={experiment} sweep=seeds"
@@ -60,7 +64,9 @@ class TableSpec:
         unknown = set(raw) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}")
-        raw["metrics"] = [Metric(**m) for m in raw["metrics"]]
+        raw["metrics"] = [Metric(**m) for m in raw.get("metrics", [])]
+        if raw.get("kind", "metrics") not in ("metrics", "convergence"):
+            raise ValueError(f"{path}: kind must be 'metrics' or 'convergence', got {raw['kind']!r}")
         for row in raw["rows"]:
             if "label" not in row or "experiment" not in row:
                 raise ValueError(f"{path}: every row needs `label` and `experiment`, got {row}")
@@ -109,7 +115,7 @@ def table_cells(spec: TableSpec, rows: list[dict[str, Any]]) -> tuple[list[str],
 def notes(spec: TableSpec, rows: list[dict[str, Any]]) -> list[str]:
     lines = [f"Mean ± sample standard deviation over seeds; `runs` = runs found / seeds expected."]
     if spec.has_reported:
-        lines.append(f"Reported columns are the numbers printed in {spec.reported_source}, not ours.")
+        lines.append(f"Reported columns: the numbers printed in {spec.reported_source}; not measured by us.")
     missing = [r for r in rows if r["n"] < spec.seeds]
     if missing:
         lines.append(
@@ -180,7 +186,7 @@ def build_tables(
     root: str | Path = ROOT,
     only: Sequence[str] | None = None,
 ) -> dict[str, str]:
-    """Write every table's .md/.csv/.tex; return name -> markdown."""
+    """Write every table's files (.md/.csv/.tex; convergence tables .md and .png); return name -> markdown."""
     out_dir, root = Path(out_dir), Path(root)
     out_dir.mkdir(parents=True, exist_ok=True)
     rendered = {}
@@ -189,6 +195,13 @@ def build_tables(
         if only and spec.name not in only:
             continue
         runs = collect_runs(root / r for r in spec.runs)
+        if spec.kind == "convergence":
+            rows = convergence_rows(spec, runs)
+            md = convergence_markdown(spec, rows)
+            convergence_figures(spec, rows, out_dir)
+            (out_dir / f"{spec.name}.md").write_text(md)
+            rendered[spec.name] = md
+            continue
         rows = aggregate(spec, runs)
         md = to_markdown(spec, rows)
         (out_dir / f"{spec.name}.md").write_text(md)
