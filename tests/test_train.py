@@ -132,3 +132,28 @@ def test_deq_run_writes_convergence_diagnostics(make_cfg):
     assert sorted(shares) == ["audio", "image", "text"]
     for step in range(7):  # normalised over modalities at every step
         assert sum(shares[m][step] for m in shares) == pytest.approx(1.0)
+
+
+@pytest.fixture(scope="module")
+def brca_fixture_dir(tmp_path_factory):
+    """A dataset with BRCA's exact shapes in MOGONET layout (the real files are not obtainable here)."""
+    from conftest import write_mogonet_fixture
+
+    root = tmp_path_factory.mktemp("data")
+    write_mogonet_fixture(root / "brca", n_tr=612, n_te=263, dims=(1000, 1000, 503), num_classes=5)
+    return root
+
+
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_smoke_runs(experiment, make_cfg, brca_fixture_dir):
+    """One batch of train/val/test of each pinned experiment (BRCA ones on the shape-exact fixture)."""
+    extra = []
+    if "_brca_" in experiment:
+        extra = [f"paths.data_dir={brca_fixture_dir}", "dataset.verify_checksums=false", "dataset.batch_size=32"]
+    cfg = make_cfg([f"experiment={experiment}", "debug=fdr", "trainer.enable_progress_bar=false", "trainer.detect_anomaly=false", *extra])
+    result, objs = train(cfg)
+    assert objs["trainer"].global_step == 1
+    assert 0.0 <= result["metrics"]["test/acc"] <= 1.0

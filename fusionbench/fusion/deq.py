@@ -311,7 +311,7 @@ class DEQFusion(EncoderFusion):
         if gates:
             out["gate_share"] = {m: [g[i] for g in gates[1:]] for i, m in enumerate(self.modalities)}
         if self.recursion and self.mode == "deq":
-            solver = get_solver(self._deq_kwargs["f_solver"])
+            solver = get_solver(self._deq_kwargs["f_solver"].removesuffix("_global"))  # per-sample traces
             func = lambda s: self.layer(s, x, x_fuse)  # noqa: E731
             _, _, info = solver(func, torch.zeros_like(state), max_iter=steps + 1, tol=0.0, stop_mode="rel")
             # torchdeq pre-fills the steps its solver has not reached with 1e8: report them as missing
