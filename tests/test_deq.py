@@ -257,3 +257,18 @@ def test_pickles_for_ddp_spawn():
     copy = pickle.loads(pickle.dumps(model))
     x = inputs()
     assert torch.equal(model(x).logits, copy(x).logits)
+
+
+def test_dropout_mask_is_fixed_during_one_solve():
+    torch.manual_seed(0)
+    model = DEQFusion(identity_encoders(), num_outputs=2, dropout=0.5, f_max_iter=5)
+    x = inputs()
+    model.combine(x)
+    mask = model._drop_mask
+    assert mask is not None and set(mask.unique().tolist()) <= {0.0, 2.0}
+    xs = torch.stack([x[m] for m in model.modalities], 1)
+    state, x_fuse = torch.randn(4, 3, WIDTH), xs.sum(1)
+    assert torch.equal(model.layer(state, xs, x_fuse), model.layer(state, xs, x_fuse))  # same f within a solve
+    model.eval()
+    model.combine(x)
+    assert model._drop_mask is None

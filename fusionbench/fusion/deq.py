@@ -111,8 +111,9 @@ class DEQFusion(EncoderFusion):
         residual: add z_i inside f_theta_i as the public code does.
         gate: ``"linear"`` (code, eq. 9) or ``"sigmoid"``.
         groups: GroupNorm groups.
-        dropout: dropout on the fused state after each f_fuse application (the public BRCA code's
-            "dropout in fusion layer"); 0 disables it.
+        dropout: dropout on the fused state after each f_fuse application (the paper's "dropout in
+            fusion layer" for BRCA, rate unstated); one mask per forward pass so the solver iterates a
+            fixed function. 0 disables it.
         f_solver, b_solver: ``anderson``, ``broyden`` or ``fixed_point_iter`` (forward / backward).
         f_max_iter, b_max_iter, f_tol, b_tol: iteration caps and tolerances.
         f_stop_mode, b_stop_mode: ``"rel"`` or ``"abs"`` residual.
@@ -199,7 +200,8 @@ class DEQFusion(EncoderFusion):
             self.gate = nn.Linear(d, d) if use_gate else None
             self.fuse_lin = nn.Linear(d, d)
             self.fuse_gn = BatchedGroupNorm(1, d, groups)
-            self.fuse_drop = nn.Dropout(dropout)
+        self.dropout = dropout
+        self._drop_mask: torch.Tensor | None = None
         suffix = "_global" if residual_norm == "batch" else ""
         self._deq_kwargs = dict(
             core="sliced",
@@ -251,7 +253,7 @@ class DEQFusion(EncoderFusion):
             return torch.einsum("bnd,n->bd", z, self.inject_weights)
         purified = self.alpha(z_fuse, z) * z_fuse.unsqueeze(1) if self.use_gate else z
         out = self.fuse_gn(torch.relu(self.fuse_lin(purified.sum(1)) + x_fuse).unsqueeze(1)).squeeze(1)
-        return self.fuse_drop(out)
+        return out if self._drop_mask is None else out * self._drop_mask
 
     def layer(self, state: torch.Tensor, x: torch.Tensor, x_fuse: torch.Tensor) -> torch.Tensor:
         """One application of f on the stacked state (B, N+1, d)."""
@@ -265,6 +267,10 @@ class DEQFusion(EncoderFusion):
         x_fuse = torch.einsum("bnd,n->bd", x, self.inject_weights)  # eq. 12
         func = lambda s: self.layer(s, x, x_fuse)  # noqa: E731
         state0 = x.new_zeros(x.shape[0], self.num_modalities + 1, self.width)
+        # one dropout mask per forward pass, so f stays a fixed function while the solver iterates
+        self._drop_mask = None
+        if self.training and self.dropout > 0:
+            self._drop_mask = torch.bernoulli(x_fuse.new_full(x_fuse.shape, 1 - self.dropout)) / (1 - self.dropout)
         info: dict[str, torch.Tensor | float] = {}
         aux = None
         if not self.recursion:

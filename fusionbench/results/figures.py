@@ -2,7 +2,8 @@
 
 A table with ``kind: convergence`` lists, per row (experiment), the mean over runs of a trace
 (``solver_rel_residual`` or ``iteration_rel_diff``, chosen per row with ``trace``) at the given solver
-steps, and draws ``<name>.png`` (mean and 95% interval over runs, log scale) and, where the runs
+steps, and draws ``<name>.png`` (geometric mean and 95% interval over runs, computed on log10 values
+since the traces span decades) and, where the runs
 recorded gate shares, ``<name>_gates.png`` (normalised alpha per modality over steps).
 """
 from __future__ import annotations
@@ -46,7 +47,7 @@ def convergence_rows(spec, runs: pd.DataFrame) -> list[dict[str, Any]]:
         key = row.get("trace", spec.trace)
         traces = [t[key] for t in load_traces(runs, row["experiment"]) if t.get(key)]
         means, half = mean_ci(traces) if traces else ([], [])
-        rows.append({**row, "key": key, "n": len(traces), "means": means, "half": half,
+        rows.append({**row, "key": key, "n": len(traces), "means": means, "half": half, "traces": traces,
                      "gates": [t["gate_share"] for t in load_traces(runs, row["experiment"]) if "gate_share" in t]})
     return rows
 
@@ -69,7 +70,8 @@ def convergence_markdown(spec, rows: list[dict[str, Any]]) -> str:
             rep = r["reported"]
             lines.append("| " + " | ".join([f"{r['label']} (reported: {spec.reported_source})", r["key"], ""] + [_fmt(rep.get(s)) for s in spec.steps]) + " |")
     missing = [r for r in rows if r["n"] < spec.seeds]
-    lines += ["", "Batch means of the first test batch per run, averaged over runs."]
+    lines += ["", "Batch means on the first test batch of each run, then the arithmetic mean over runs (a few runs that do "
+              "not converge dominate it); the figure shows geometric means with 95% intervals."]
     if missing:
         lines.append("Incomplete rows: " + "; ".join(f"{r['label']} {r['n']}/{spec.seeds} (`{spec.command.format(experiment=r['experiment'])}`)" for r in missing))
     return "\n".join(lines) + "\n"
@@ -86,11 +88,11 @@ def convergence_figures(spec, rows: list[dict[str, Any]], out_dir: Path) -> list
     for r in rows:
         if not r["means"]:
             continue
-        xs = list(range(1, len(r["means"]) + 1))
-        lo = [max(m - h, 1e-12) for m, h in zip(r["means"], r["half"])]
-        hi = [m + h for m, h in zip(r["means"], r["half"])]
-        ax.plot(xs, r["means"], label=f"{r['label']} (n={r['n']})")
-        ax.fill_between(xs, lo, hi, alpha=0.25)
+        logs = [[math.log10(v) if v is not None and v > 0 else None for v in t] for t in r["traces"]]
+        m, h = mean_ci(logs)
+        xs = list(range(1, len(m) + 1))
+        ax.plot(xs, [10**v for v in m], label=f"{r['label']} (n={r['n']})")
+        ax.fill_between(xs, [10 ** (v - e) for v, e in zip(m, h)], [10 ** (v + e) for v, e in zip(m, h)], alpha=0.25)
     ax.set_yscale("log")
     if not any(r["means"] for r in rows):
         ax.text(0.5, 0.5, "no runs with diagnostics yet", ha="center", va="center", transform=ax.transAxes)
@@ -98,7 +100,7 @@ def convergence_figures(spec, rows: list[dict[str, Any]], out_dir: Path) -> list
     ax.set_ylabel("relative difference / residual")
     ax.set_title(spec.title, fontsize=8)
     if any(r["means"] for r in rows):
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     path = out_dir / f"{spec.name}.png"
     fig.savefig(path, dpi=120, metadata={"Software": None})  # no version stamp: same runs, same bytes
