@@ -18,6 +18,8 @@ from fusionbench.train import build
 
 
 def run(folder: Path, steps: int) -> str:
+    if not (folder / ".hydra" / "config.yaml").is_file():
+        return "not a run folder (no .hydra/config.yaml)"
     cfg = OmegaConf.load(folder / ".hydra" / "config.yaml")
     with open_dict(cfg):
         cfg.paths.output_dir = str(folder)
