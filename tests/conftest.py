@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 import fusionbench.train  # noqa: F401  (registers the fb.root resolver)
 from fusionbench import ROOT
@@ -72,7 +72,3 @@ def mogonet_kwargs(folder: Path, **over) -> dict:
     )
     kw.update(over)
     return kw
-
-
-def cfg_to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import FAST, compose_cfg
+from conftest import FAST
 from fusionbench import ROOT
 from fusionbench.errors import ConfigError, TrainingError
 from fusionbench.train import train

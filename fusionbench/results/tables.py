@@ -113,7 +113,7 @@ def table_cells(spec: TableSpec, rows: list[dict[str, Any]]) -> tuple[list[str],
 
 
 def notes(spec: TableSpec, rows: list[dict[str, Any]]) -> list[str]:
-    lines = [f"Mean ± sample standard deviation over seeds; `runs` = runs found / seeds expected."]
+    lines = ["Mean ± sample standard deviation over seeds; `runs` = runs found / seeds expected."]
     if spec.has_reported:
         lines.append(f"Reported columns: the numbers printed in {spec.reported_source}; not measured by us.")
     missing = [r for r in rows if r["n"] < spec.seeds]
