@@ -31,6 +31,7 @@ log = logging.getLogger("fusionbench")
 
 OmegaConf.register_new_resolver("fb.root", lambda: str(ROOT), replace=True)
 # like oc.env, but an empty variable also falls back to the default (WANDB_MODE= means "not set")
+OmegaConf.register_new_resolver("fb.mul", lambda a, b: int(a) * int(b), replace=True)  # widths derived from a swept one
 OmegaConf.register_new_resolver("fb.env", lambda name, default: os.environ.get(name) or default, replace=True)
 
 

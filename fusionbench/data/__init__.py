@@ -1,6 +1,15 @@
 """Datamodules, one file per dataset family; `base.py` holds the contract and the file guard."""
 from fusionbench.data.base import FusionDataModule, TensorDictDataset
+from fusionbench.data.generative import GenerativeDataModule
+from fusionbench.data.lattice import LatticeDataModule
 from fusionbench.data.mogonet import MogonetDataModule
 from fusionbench.data.synthetic import SyntheticDataModule
 
-__all__ = ["FusionDataModule", "MogonetDataModule", "SyntheticDataModule", "TensorDictDataset"]
+__all__ = [
+    "FusionDataModule",
+    "GenerativeDataModule",
+    "LatticeDataModule",
+    "MogonetDataModule",
+    "SyntheticDataModule",
+    "TensorDictDataset",
+]

@@ -6,10 +6,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from fusionbench.encoders.context import ContextEncoder
+
 _NORMS = {"none": None, "batch": nn.BatchNorm1d, "layer": nn.LayerNorm}
 
 
-class MLPEncoder(nn.Module):
+class MLPEncoder(ContextEncoder):
     """Flatten, then ``[Linear -> norm -> ReLU -> Dropout] x len(hidden_dims)``.
 
     Args:
@@ -17,6 +19,9 @@ class MLPEncoder(nn.Module):
         hidden_dims: layer widths; the last one is ``output_dim``. Empty means identity.
         dropout: dropout after every layer.
         norm: ``none``, ``batch`` or ``layer`` normalisation after every linear layer.
+
+    A context (`attach_context`) joins after the linear map of layer k, i.e. as if concatenated to
+    that layer's input.
     """
 
     def __init__(self, input_dim: int, hidden_dims: Sequence[int] = (64,), dropout: float = 0.0, norm: str = "none") -> None:
@@ -39,4 +44,13 @@ class MLPEncoder(nn.Module):
         x = x.flatten(1)
         if x.shape[1] != self.input_dim:
             raise ValueError(f"MLPEncoder expects {self.input_dim} features per sample, got {x.shape[1]}")
-        return self.net(x)
+        k = 0
+        for module in self.net:
+            x = module(x)
+            if isinstance(module, nn.Linear):  # a context joins after layer k's linear map
+                x = self.join(k, x, context)
+                k += 1
+        return x
+
+    def join_widths(self) -> list[int]:
+        return [m.out_features for m in self.net if isinstance(m, nn.Linear)]

@@ -1,11 +1,13 @@
 """Fusion methods, one file each. Contract: built from ``encoders`` and ``num_outputs``;
-``forward(inputs) -> FusionOutput(logits, aux_loss, info)``."""
-from fusionbench.fusion.base import EncoderFusion, FusionOutput
+``forward(inputs) -> FusionOutput(logits, aux_loss, info)``; iterable models also provide
+``step``/``predict`` (see base.py), which the Pro-Fusion wrapper uses."""
+from fusionbench.fusion.base import EncoderFusion, FusionOutput, FusionStep
 from fusionbench.fusion.concat import ConcatFusion
 from fusionbench.fusion.deq import DEQFusion
 from fusionbench.fusion.early import EarlyFusion
 from fusionbench.fusion.lowrank import LowRankTensorFusion
 from fusionbench.fusion.mmdynamics import MMDynamics
+from fusionbench.fusion.profusion import ProFusion
 from fusionbench.fusion.sum import SumFusion
 from fusionbench.fusion.tensor import TensorFusion
 from fusionbench.fusion.unimodal import UnimodalModel
@@ -17,8 +19,10 @@ __all__ = [
     "EarlyFusion",
     "EncoderFusion",
     "FusionOutput",
+    "FusionStep",
     "LowRankTensorFusion",
     "MMDynamics",
+    "ProFusion",
     "SumFusion",
     "TensorFusion",
     "UnimodalModel",

@@ -1,7 +1,10 @@
 """The fusion-model contract and the base the baseline fusions share.
 
 A fusion model is built from ``encoders`` (an `nn.ModuleDict`, one encoder per modality) and
-``num_outputs``; ``forward(inputs)`` returns `FusionOutput`. A model whose loss needs the labels
+``num_outputs``; ``forward(inputs)`` returns `FusionOutput`. Models that wrappers such as Pro-Fusion
+can iterate also split forward into ``step(inputs, context) -> FusionStep`` (encoders, given an
+optional per-encoder context, then the fusion) and ``predict(step) -> FusionOutput`` (the head), and
+report ``fused_dim``; `EncoderFusion` provides all three. A model whose loss needs the labels
 (MM-Dynamics' confidence terms) also defines ``target_loss(output, target)``; the task adds it. Baselines subclass `EncoderFusion` and
 implement only ``fuse(embeddings)`` and ``fused_dim``; the prediction head is built from ``fused_dim``,
 so no dimension is ever written in YAML.
@@ -22,6 +25,16 @@ class FusionOutput(NamedTuple):
     aux_loss: torch.Tensor | None  # added to the task loss (Jacobian or resource penalties)
     info: dict[str, torch.Tensor | float]  # scalars to log (solver steps, gate usage, ...)
     extras: dict | None = None  # tensors a model's own `target_loss(output, target)` needs
+
+
+class FusionStep(NamedTuple):
+    """One pass of encoders and fusion layer, before the prediction head."""
+
+    fused: torch.Tensor  # (B, fused_dim)
+    aux_loss: torch.Tensor | None
+    info: dict[str, torch.Tensor | float]
+    embeddings: dict[str, torch.Tensor]  # encoder outputs, keyed like `encoders`
+    extras: dict | None = None
 
 
 def mlp_head(in_dim: int, num_outputs: int, hidden: Sequence[int] = (), dropout: float = 0.0) -> nn.Sequential:
@@ -84,9 +97,13 @@ class EncoderFusion(nn.Module):
                 f"(missing {missing}). Make `dataset.modalities` and the backbone agree."
             )
 
-    def encode(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def encode(
+        self, inputs: Mapping[str, torch.Tensor], context: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Encoder outputs; ``context`` (keyed like `encoders`) is passed to the encoders."""
         self.check_inputs(inputs)
-        return {m: self.encoders[m](inputs[m]) for m in self.modalities}
+        context = context or {}
+        return {m: self.encoders[m](inputs[m], context.get(m)) for m in self.modalities}
 
     def fuse(self, embeddings: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The fused vector (B, fused_dim); baselines implement only this."""
@@ -96,9 +113,16 @@ class EncoderFusion(nn.Module):
         """(fused vector, aux_loss, info); methods with penalties or statistics (DEQ) override this."""
         return self.fuse(embeddings), None, {}
 
+    def step(self, inputs: Mapping[str, torch.Tensor], context: Mapping[str, torch.Tensor] | None = None) -> FusionStep:
+        embeddings = self.encode(inputs, context)
+        fused, aux_loss, info = self.combine(embeddings)
+        return FusionStep(fused, aux_loss, info, embeddings)
+
+    def predict(self, step: FusionStep) -> FusionOutput:
+        return FusionOutput(self.head(step.fused), step.aux_loss, step.info, step.extras)
+
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> FusionOutput:
-        fused, aux_loss, info = self.combine(self.encode(inputs))
-        return FusionOutput(self.head(fused), aux_loss, info)
+        return self.predict(self.step(inputs))
 
 
 def require_equal_dims(dims: Mapping[str, int], method: str) -> int:

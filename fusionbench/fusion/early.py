@@ -38,12 +38,14 @@ class EarlyFusion(EncoderFusion):
         self.fused_dim = joint.output_dim
         self.build_head()
 
-    def encode(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def encode(
+        self, inputs: Mapping[str, torch.Tensor], context: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         missing = [m for m in self.input_modalities if m not in inputs]
         if missing:
             raise ConfigError(f"The batch has modalities {sorted(inputs)}; early fusion needs {self.input_modalities}.")
         x = torch.cat([inputs[m].flatten(1) for m in self.input_modalities], dim=1)
-        return {"joint": self.encoders["joint"](x)}
+        return {"joint": self.encoders["joint"](x, (context or {}).get("joint"))}
 
     def fuse(self, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
         return embeddings["joint"]

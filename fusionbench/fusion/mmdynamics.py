@@ -26,7 +26,7 @@ from torch import nn
 
 from fusionbench.encoders.identity import IdentityEncoder
 from fusionbench.errors import ConfigError
-from fusionbench.fusion.base import EncoderFusion, FusionOutput, as_module_dict
+from fusionbench.fusion.base import EncoderFusion, FusionOutput, FusionStep, as_module_dict
 
 
 def _xavier(module: nn.Module) -> None:
@@ -68,25 +68,38 @@ class MMDynamics(nn.Module):
         self.fusion = fusion(encoders=nn.ModuleDict({m: IdentityEncoder(hidden[m]) for m in self.modalities}), num_outputs=num_outputs)
         _xavier(self.fusion.head)
 
-    def features(self, inputs: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+    def features(
+        self, inputs: Mapping[str, torch.Tensor], context: Mapping[str, torch.Tensor] | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict]:
         """The confidence-weighted view features that enter the fusion, and what the losses need."""
+        context = context or {}
         features, extras = {}, {"gate": {}, "tcp_logits": {}, "confidence": {}}
         for m in self.modalities:
             if m not in inputs:
                 raise ConfigError(f"The batch has modalities {sorted(inputs)}; MM-Dynamics needs {self.modalities}.")
             x = inputs[m].flatten(1)
             gate = torch.sigmoid(self.informativeness[m](x))
-            h = self.encoders[m](gate * x)
+            h = self.encoders[m](gate * x, context.get(m))
             conf = self.tcp_confidence[m](h)
             extras["gate"][m], extras["tcp_logits"][m], extras["confidence"][m] = gate, self.tcp_classifier[m](h), conf
             features[m] = h * conf
         return features, extras
 
-    def forward(self, inputs: Mapping[str, torch.Tensor]) -> FusionOutput:
-        features, extras = self.features(inputs)
+    @property
+    def fused_dim(self) -> int:
+        return self.fusion.fused_dim
+
+    def step(self, inputs: Mapping[str, torch.Tensor], context: Mapping[str, torch.Tensor] | None = None) -> FusionStep:
+        features, extras = self.features(inputs, context)
         fused, aux, info = self.fusion.combine(features)
         info = {**info, **{f"mmd/confidence_{m}": extras["confidence"][m].detach().mean() for m in self.modalities}}
-        return FusionOutput(self.fusion.head(fused), aux, info, extras)
+        return FusionStep(fused, aux, info, features, extras)
+
+    def predict(self, step: FusionStep) -> FusionOutput:
+        return FusionOutput(self.fusion.head(step.fused), step.aux_loss, step.info, step.extras)
+
+    def forward(self, inputs: Mapping[str, torch.Tensor]) -> FusionOutput:
+        return self.predict(self.step(inputs))
 
     def target_loss(self, out: FusionOutput, target: torch.Tensor) -> torch.Tensor:
         """Everything the task's fused cross-entropy does not cover (needs the labels, so the task calls

@@ -24,6 +24,7 @@ import yaml
 
 from fusionbench import ROOT
 from fusionbench.results.collect import collect_runs
+from fusionbench.results.curves import curve_csv, curve_figure, curve_markdown, curve_rows
 from fusionbench.results.figures import convergence_figures, convergence_markdown, convergence_rows
 
 DASH = "—"
@@ -49,7 +50,7 @@ class TableSpec:
     title: str
     rows: list[dict[str, Any]]
     metrics: list[Metric] = field(default_factory=list)
-    kind: str = "metrics"  # or "convergence" (fusionbench/results/figures.py)
+    kind: str = "metrics"  # or "convergence" (results/figures.py) or "curve" (results/curves.py)
     steps: list[int] = field(default_factory=lambda: [1, 10, 20, 40, 100])
     trace: str = "solver_rel_residual"
     seeds: int = 5
@@ -57,6 +58,9 @@ class TableSpec:
     command: str = "python train.py experiment={experiment} sweep=seeds"
     caption: str = ""
     reported_source: str = ""
+    x: dict[str, Any] = field(default_factory=dict)  # curve tables: {label, values, log}
+    improvement: bool = False  # curve tables: per-seed % improvement over each row's `baseline`
+    higher_is_better: bool = False
 
     @classmethod
     def load(cls, path: str | Path) -> TableSpec:
@@ -65,8 +69,15 @@ class TableSpec:
         if unknown:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}")
         raw["metrics"] = [Metric(**m) for m in raw.get("metrics", [])]
-        if raw.get("kind", "metrics") not in ("metrics", "convergence"):
-            raise ValueError(f"{path}: kind must be 'metrics' or 'convergence', got {raw['kind']!r}")
+        kind = raw.get("kind", "metrics")
+        if kind not in ("metrics", "convergence", "curve"):
+            raise ValueError(f"{path}: kind must be 'metrics', 'convergence' or 'curve', got {kind!r}")
+        if kind == "curve":
+            if not raw.get("x", {}).get("values") or len(raw["metrics"]) != 1:
+                raise ValueError(f"{path}: a curve table needs `x: {{label, values}}` and exactly one metric")
+            for row in raw["rows"]:
+                if "{x}" not in row.get("experiment", "") or (raw.get("improvement") and "{x}" not in row.get("baseline", "")):
+                    raise ValueError(f"{path}: curve rows need `experiment` (and with improvement, `baseline`) patterns with {{x}}: {row}")
         for row in raw["rows"]:
             if "label" not in row or "experiment" not in row:
                 raise ValueError(f"{path}: every row needs `label` and `experiment`, got {row}")
@@ -186,7 +197,8 @@ def build_tables(
     root: str | Path = ROOT,
     only: Sequence[str] | None = None,
 ) -> dict[str, str]:
-    """Write every table's files (.md/.csv/.tex; convergence tables .md and .png); return name -> markdown."""
+    """Write every table's files (.md/.csv/.tex; convergence tables .md and .png; curves .md/.csv/.png);
+    return name -> markdown."""
     out_dir, root = Path(out_dir), Path(root)
     out_dir.mkdir(parents=True, exist_ok=True)
     rendered = {}
@@ -195,6 +207,14 @@ def build_tables(
         if only and spec.name not in only:
             continue
         runs = collect_runs(root / r for r in spec.runs)
+        if spec.kind == "curve":
+            rows = curve_rows(spec, runs)
+            md = curve_markdown(spec, rows)
+            (out_dir / f"{spec.name}.md").write_text(md)
+            (out_dir / f"{spec.name}.csv").write_text(curve_csv(spec, rows))
+            curve_figure(spec, rows, out_dir)
+            rendered[spec.name] = md
+            continue
         if spec.kind == "convergence":
             rows = convergence_rows(spec, runs)
             md = convergence_markdown(spec, rows)
