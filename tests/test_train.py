@@ -21,6 +21,8 @@ FUSIONS = sorted(p.stem for p in (ROOT / "configs" / "fusion").glob("*.yaml"))
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_fast_dev_run_every_fusion(fusion, make_cfg):
     extra = ["dataset.modalities=[image]"] if fusion == "unimodal" else []
+    if fusion == "mfas":  # fuses intermediate LeNet layers: image-shaped inputs and the LeNet backbone
+        extra = ["dataset.shapes={audio: [1, 112, 112], image: [1, 28, 28]}", "dataset.modalities=[audio,image]", "backbone=avmnist"]
     cfg = make_cfg(["dataset=synthetic", f"fusion={fusion}", "debug=fdr", "trainer.enable_progress_bar=false", *extra])
     result, objs = train(cfg)
     assert objs["trainer"].global_step == 1
@@ -145,15 +147,27 @@ def brca_fixture_dir(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def avmnist_fixture_dir(tmp_path_factory):
+    """AV-MNIST in the MultiBench npy layout at its real per-sample shapes, 80 + 20 rows."""
+    from fusionbench.data import AVMNISTDataModule
+
+    root = tmp_path_factory.mktemp("data")
+    AVMNISTDataModule.write(root / "avmnist", n_train=80, n_test=20)
+    return root
+
+
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_smoke_runs(experiment, make_cfg, brca_fixture_dir):
-    """One batch of train/val/test of each pinned experiment (BRCA ones on the shape-exact fixture)."""
+def test_every_experiment_smoke_runs(experiment, make_cfg, brca_fixture_dir, avmnist_fixture_dir):
+    """One batch of train/val/test of each pinned experiment (BRCA and AV-MNIST ones on shape-exact fixtures)."""
     extra = []
     if "_brca_" in experiment:
         extra = [f"paths.data_dir={brca_fixture_dir}", "dataset.verify_checksums=false", "dataset.batch_size=32"]
+    if "_avmnist_" in experiment:
+        extra = [f"paths.data_dir={avmnist_fixture_dir}", "dataset.num_train=60", "dataset.num_samples={train: 80, test: 20}"]
     cfg = make_cfg([f"experiment={experiment}", "debug=fdr", "trainer.enable_progress_bar=false", "trainer.detect_anomaly=false", *extra])
     result, objs = train(cfg)
     assert objs["trainer"].global_step == 1

@@ -1,4 +1,5 @@
 """Datamodules, one file per dataset family; `base.py` holds the contract and the file guard."""
+from fusionbench.data.avmnist import AVMNISTDataModule
 from fusionbench.data.base import FusionDataModule, TensorDictDataset
 from fusionbench.data.generative import GenerativeDataModule
 from fusionbench.data.lattice import LatticeDataModule
@@ -6,6 +7,7 @@ from fusionbench.data.mogonet import MogonetDataModule
 from fusionbench.data.synthetic import SyntheticDataModule
 
 __all__ = [
+    "AVMNISTDataModule",
     "FusionDataModule",
     "GenerativeDataModule",
     "LatticeDataModule",

@@ -5,5 +5,6 @@ from fusionbench.encoders.context import ContextEncoder, ContextJoin
 from fusionbench.encoders.identity import IdentityEncoder
 from fusionbench.encoders.lenet import LeNetEncoder
 from fusionbench.encoders.mlp import MLPEncoder
+from fusionbench.encoders.patch import PatchEncoder
 
-__all__ = ["ContextEncoder", "ContextJoin", "IdentityEncoder", "LeNetEncoder", "MLPEncoder"]
+__all__ = ["ContextEncoder", "ContextJoin", "IdentityEncoder", "LeNetEncoder", "MLPEncoder", "PatchEncoder"]

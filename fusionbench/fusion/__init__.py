@@ -5,9 +5,14 @@ from fusionbench.fusion.base import EncoderFusion, FusionOutput, FusionStep
 from fusionbench.fusion.concat import ConcatFusion
 from fusionbench.fusion.deq import DEQFusion
 from fusionbench.fusion.early import EarlyFusion
+from fusionbench.fusion.gradient_blend import GradientBlendFusion
 from fusionbench.fusion.lowrank import LowRankTensorFusion
+from fusionbench.fusion.mbt import MBTFusion
+from fusionbench.fusion.mfas import MFASFusion
+from fusionbench.fusion.mfm import MFMFusion
 from fusionbench.fusion.mmdynamics import MMDynamics
 from fusionbench.fusion.profusion import ProFusion
+from fusionbench.fusion.refnet import RefNetFusion
 from fusionbench.fusion.sum import SumFusion
 from fusionbench.fusion.tensor import TensorFusion
 from fusionbench.fusion.unimodal import UnimodalModel
@@ -20,9 +25,14 @@ __all__ = [
     "EncoderFusion",
     "FusionOutput",
     "FusionStep",
+    "GradientBlendFusion",
     "LowRankTensorFusion",
+    "MBTFusion",
+    "MFASFusion",
+    "MFMFusion",
     "MMDynamics",
     "ProFusion",
+    "RefNetFusion",
     "SumFusion",
     "TensorFusion",
     "UnimodalModel",
