@@ -239,3 +239,35 @@ def test_curve_table_pairs_seeds_for_improvement(tmp_path):
     assert "+7.5 ± 24.7 (2/2)" in row and "— (0/2)" in row
     assert (tmp_path / "out" / "c.png").is_file() and "base_eta0" not in (tmp_path / "out" / "c.csv").read_text()
     assert "to fill them" in md
+
+
+def test_artifact_curve_reads_probe_files(tmp_path):
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables" / "p.yaml").write_text(
+        "name: p\nkind: curve\nartifact: linear_probe.json\ntitle: P\nseeds: 2\nx: {label: step, values: [1, 2]}\n"
+        "metrics: [{key: probe/acc, label: acc, scale: 100, digits: 1}]\n"
+        "rows: [{label: image, experiment: run, series: image}]\n"
+    )
+    for seed, (a1, a2) in enumerate([(0.5, 0.6), (0.7, 0.8)]):
+        _run(tmp_path, "run", seed)
+        probe = {"image": {"1": a1, "2": a2}}
+        (tmp_path / "results" / "runs" / "run" / f"seed={seed}" / "linear_probe.json").write_text(json.dumps(probe))
+    md = build_tables(tmp_path / "tables", tmp_path / "out", tmp_path)["p"]
+    assert "| image | 60.0 ± 14.1 (2/2) | 70.0 ± 14.1 (2/2) |" in md
+
+
+def test_linear_probe_separates_and_tracks_steps():
+    from fusionbench.probe import linear_probe, probe_accuracy
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(200) % 3
+    x = torch.nn.functional.one_hot(y, 3).double() * 3 + 0.1 * torch.randn(200, 3, generator=g, dtype=torch.float64)
+    assert probe_accuracy((x[:150], y[:150]), (x[150:], y[150:]), 3) == 1.0
+    torch.manual_seed(0)
+    model = ProFusion(mlp_encoders(), 3, base="concat", unroll_steps=3, context_dim=4)
+    x = batch(12)
+    batches = [{"inputs": x, "target": torch.arange(12) % 3}]
+    acc = linear_probe(model, batches, batches, 3)
+    assert sorted(acc) == ["a", "b"] and all(len(v) == 3 and all(0.0 <= a <= 1.0 for a in v) for v in acc.values())
+    with pytest.raises(ConfigError, match="need a Pro-Fusion model"):
+        linear_probe(model.base, batches, batches, 3)

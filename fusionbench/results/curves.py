@@ -5,13 +5,16 @@ with ``{x}`` (each swept value is its own experiment name, e.g. ``pro_fig4_latti
 With ``improvement: true`` a row also names a ``baseline`` pattern and the cell is the per-seed
 relative improvement ``100 (baseline - run) / |baseline|`` (for a lower-is-better metric; set
 ``higher_is_better: true`` to flip the sign), paired by seed so that a trial's base and Pro-Fusion runs
-share their data. Cells are mean ± sample std over seeds with the runs found; missing points stay
+share their data. With ``artifact: <file>`` the values come instead from a JSON file in each run folder
+(``<file>[row.series][x]``, e.g. the linear probes of ``scripts/linear_probe.py``), and ``experiment``
+is a plain name. Cells are mean ± sample std over seeds with the runs found; missing points stay
 dashes and the notes give the command that fills them. Output: ``<name>.md``, ``.csv``, ``.png``.
 """
 from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +30,30 @@ def _values(runs: pd.DataFrame, experiment: str, key: str) -> dict[int, float]:
     return {int(s): float(v) for s, v in zip(sel["seed"], pd.to_numeric(sel[key], errors="coerce")) if pd.notna(v)}
 
 
+def _artifact_values(runs: pd.DataFrame, experiment: str, artifact: str, series: str, x: Any) -> dict[int, float]:
+    """Per seed, ``<run>/<artifact>[series][x]`` (e.g. linear_probe.json: modality -> step -> accuracy)."""
+    if runs.empty:
+        return {}
+    out = {}
+    for seed, path in runs.loc[runs["experiment_name"] == experiment, ["seed", "path"]].itertuples(index=False):
+        f = Path(path) / artifact
+        if f.is_file():
+            value = json.loads(f.read_text()).get(series, {}).get(str(x))
+            if value is not None:
+                out[int(seed)] = float(value)
+    return out
+
+
 def curve_rows(spec, runs: pd.DataFrame) -> list[dict[str, Any]]:
     key = spec.metrics[0].key
     out = []
     for row in spec.rows:
         points = []
         for x in spec.x["values"]:
-            vals = _values(runs, row["experiment"].format(x=x), key)
+            if spec.artifact:
+                vals = _artifact_values(runs, row["experiment"], spec.artifact, row["series"], x)
+            else:
+                vals = _values(runs, row["experiment"].format(x=x), key)
             if spec.improvement:
                 base = _values(runs, row["baseline"].format(x=x), key)
                 sign = -1.0 if spec.higher_is_better else 1.0

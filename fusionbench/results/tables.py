@@ -61,6 +61,7 @@ class TableSpec:
     x: dict[str, Any] = field(default_factory=dict)  # curve tables: {label, values, log}
     improvement: bool = False  # curve tables: per-seed % improvement over each row's `baseline`
     higher_is_better: bool = False
+    artifact: str = ""  # curve tables: read values from this JSON file of each run folder
 
     @classmethod
     def load(cls, path: str | Path) -> TableSpec:
@@ -76,6 +77,10 @@ class TableSpec:
             if not raw.get("x", {}).get("values") or len(raw["metrics"]) != 1:
                 raise ValueError(f"{path}: a curve table needs `x: {{label, values}}` and exactly one metric")
             for row in raw["rows"]:
+                if raw.get("artifact"):
+                    if "series" not in row:
+                        raise ValueError(f"{path}: rows of an artifact curve table need `series` (the key in the file): {row}")
+                    continue
                 if "{x}" not in row.get("experiment", "") or (raw.get("improvement") and "{x}" not in row.get("baseline", "")):
                     raise ValueError(f"{path}: curve rows need `experiment` (and with improvement, `baseline`) patterns with {{x}}: {row}")
         for row in raw["rows"]:
