@@ -114,6 +114,18 @@ def test_ddp_sim_trains_on_two_processes(make_cfg):
         assert json.load(f)["status"] == "complete"
 
 
+def test_ddp_sim_trains_profusion_around_mfas(make_cfg):
+    """Pro-Fusion's unrolled graph and MFAS's intermediate-layer fusion under DDP: every parameter must
+    get a gradient on every rank (DDP refuses unused parameters)."""
+    shapes = "dataset.shapes={audio: [1, 112, 112], image: [1, 28, 28]}"
+    cfg = make_cfg(["dataset=synthetic", shapes, "dataset.modalities=[audio,image]", "backbone=avmnist", "fusion=profusion",
+                    "fusion.base=mfas", "fusion.unroll_steps=2", "trainer=ddp_sim", *FAST, "trainer.max_epochs=1",
+                    "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1"])
+    result, objs = train(cfg)
+    assert objs["trainer"].world_size == 2 and result["global_steps"] == 2
+    assert math.isfinite(result["metrics"]["test/loss"])
+
+
 def test_multirun_seed_sweep_into_deterministic_folders(tmp_path):
     r = run_cli(
         "-m", "experiment=baselines_rosmap_mirna", "sweep=seeds", "seed=0,1", "trainer.max_epochs=2",

@@ -42,6 +42,17 @@ class LeNetEncoder(ContextEncoder):
     def join_widths(self) -> list[int]:
         return list(self.widths)
 
+    def truncate(self, blocks: int) -> None:
+        """Keep only the first ``blocks`` blocks (MFAS fuses intermediate layers: blocks after the last
+        fused one would be parameters without gradient, which DDP rejects)."""
+        if not 1 <= blocks <= len(self.convs):
+            raise ValueError(f"LeNetEncoder has {len(self.convs)} blocks; cannot keep {blocks}.")
+        if self.proj is not None and blocks < len(self.convs):
+            raise ValueError("Cannot truncate a LeNetEncoder with an output projection (its input width would change).")
+        self.convs, self.norms = self.convs[:blocks], self.norms[:blocks]
+        self.widths = self.widths[:blocks]
+        self.output_dim = int(self.widths[-1])
+
     def blocks(self, x: torch.Tensor, context: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Feature maps after every block (B, C_k, H_k, W_k)."""
         if x.dim() == 3:  # (B, H, W) -> one channel

@@ -21,8 +21,9 @@ audio (6, 12, 24, 48, 96)); 0-based I3 would be the 48-channel block, outside it
 not recoverable from the text: ReLU for both cells by default (``activations``). MFAS searches with
 frozen pretrained unimodal LeNets; Pro-Fusion must train the encoders (the back-projections enter
 them), so here everything is trained end to end from scratch. The blocks after the last fused layer
-(image block 3, audio block 5) are computed but unused, so they get no gradient (except through
-Pro-Fusion's ``feedback=own``, which feeds back the encoders' final outputs).
+(image block 3, audio block 5) would get no gradient, so the encoders are truncated after the last fused
+block (`LeNetEncoder.truncate`; parameters without gradient also break DDP); an encoder's own output, which
+Pro-Fusion's ``feedback=own`` feeds back, is then its last fused block.
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ class MFASFusion(EncoderFusion):
                 raise ConfigError(
                     f"fusion.layers.{m}={layers[m]}: the '{m}' encoder has blocks 0..{n - 1} (0-based)."
                 )
+            if hasattr(enc, "truncate"):
+                enc.truncate(max(layers[m]) + 1)
             widths[m] = [int(w) for w in enc.widths]
         self.layers = layers
         self.cells = nn.ModuleList()

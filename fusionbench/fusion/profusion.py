@@ -126,9 +126,11 @@ class ProFusion(nn.Module):
         self.unroll_steps = int(unroll_steps)
         self.feedback = feedback
         self.context_dim = int(context_dim)
-        targets = list(self.base.encoders.keys())  # the encoders the base really runs (early fusion: 'joint')
+        # the encoders the base really runs (early fusion: 'joint'); with R = 1 nothing is fed back, so no
+        # back-projection is built (parameters without gradient would also break DDP)
+        targets = list(self.base.encoders.keys()) if self.unroll_steps > 1 else []
         layers = dict(join_layer) if isinstance(join_layer, Mapping) else {m: int(join_layer) for m in targets}
-        unknown = sorted(set(layers) - set(targets))
+        unknown = sorted(set(layers) - set(self.base.encoders.keys()))
         if unknown:
             raise ConfigError(f"fusion.join_layer names {unknown}, but the base model's encoders are {targets}.")
         for m in targets:
