@@ -271,3 +271,26 @@ def test_linear_probe_separates_and_tracks_steps():
     assert sorted(acc) == ["a", "b"] and all(len(v) == 3 and all(0.0 <= a <= 1.0 for a in v) for v in acc.values())
     with pytest.raises(ConfigError, match="need a Pro-Fusion model"):
         linear_probe(model.base, batches, batches, 3)
+
+
+def test_batch_norm_keeps_running_statistics_per_unroll_step():
+    """Step 1 runs without context, so its statistics must equal those of the plain base model on the
+    same batches; step 2's differ; eval mode then uses each step's own statistics."""
+    torch.manual_seed(0)
+    enc = {"a": MLPEncoder(5, [8], norm="batch"), "b": MLPEncoder(7, [8], norm="batch")}
+    model = ProFusion(enc, 3, base="concat", unroll_steps=2, context_dim=4)
+    for w in model.backproject.values():
+        nn.init.normal_(w.weight, std=3.0)  # a context that shifts step 2's activations
+    plain = ProFusion({k: MLPEncoder(5 if k == "a" else 7, [8], norm="batch") for k in "ab"}, 3, base="concat", unroll_steps=1)
+    plain.base.load_state_dict(model.base.state_dict(), strict=False)  # (no context joins at R = 1)
+    for seed in range(5):
+        x = {k: v + seed for k, v in batch(16).items()}
+        model(x), plain(x)
+    step0, step1 = model.norm0_step0_running_mean, model.norm0_step1_running_mean
+    assert torch.allclose(step0, plain.base.encoders["a"].net[1].running_mean)
+    assert not torch.allclose(step0, step1, atol=1e-3)
+    model.eval()
+    model(batch())
+    assert model.base.encoders["a"].net[1].running_mean is model.norm0_step1_running_mean  # last step's
+    state = model.state_dict()
+    assert "norm0_step0_running_mean" in state and "norm0_step1_running_var" in state

@@ -21,6 +21,11 @@ Choices the paper leaves open, made explicit here:
   paper's setting for Table 5) feeds back once. Gradients flow through the whole unroll and the loss
   is on the final prediction, as in the appendix pseudo-code; the base's auxiliary loss (e.g. DEQ's
   Jacobian term, MFM's reconstruction) is taken from the last step.
+- Batch normalisation inside the base model keeps separate running statistics per unroll step. In
+  training each step normalises with its own batch statistics, and step 1 (no context) and step 2 (with
+  context) see different activation distributions; one shared running average would mix them and make
+  eval-mode predictions differ from what was trained (on AV-MNIST: 99% train, 23% test accuracy). Steps
+  beyond the trained R (linear probes) reuse the last step's statistics.
 - ``feedback="own"`` is the "Iterative" ablation of Table 5 (Figure 12): encoder i is fed back its
   own previous output instead of the fused vector, so no information crosses modalities.
 """
@@ -143,6 +148,25 @@ class ProFusion(nn.Module):
             encoder.attach_context(self.context_dim, layers.get(m, 0))
         source = {m: self.base.fused_dim if feedback == "fused" else int(self.base.encoders[m].output_dim) for m in targets}
         self.backproject = nn.ModuleDict({m: nn.Linear(source[m], self.context_dim, bias=False) for m in targets})
+        self._norms = [name for name, mod in self.base.named_modules()
+                       if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.track_running_stats]
+        if self.unroll_steps > 1:
+            for i, name in enumerate(self._norms):
+                bn = self.base.get_submodule(name)
+                for t in range(self.unroll_steps):
+                    for stat in ("running_mean", "running_var", "num_batches_tracked"):
+                        self.register_buffer(f"norm{i}_step{t}_{stat}", getattr(bn, stat).clone())
+
+    def use_step_statistics(self, t: int) -> None:
+        """Point every batch norm of the base at the running statistics of unroll step t (0-based); the
+        buffers are shared, so training-mode updates land in that step's statistics."""
+        if self.unroll_steps == 1:
+            return
+        t = min(t, self.unroll_steps - 1)
+        for i, name in enumerate(self._norms):
+            bn = self.base.get_submodule(name)
+            for stat in ("running_mean", "running_var", "num_batches_tracked"):
+                setattr(bn, stat, getattr(self, f"norm{i}_step{t}_{stat}"))
 
     @property
     def encoders(self) -> nn.ModuleDict:
@@ -166,8 +190,10 @@ class ProFusion(nn.Module):
 
     def unroll(self, inputs: Mapping[str, torch.Tensor], steps: int | None = None) -> list[FusionStep]:
         """Every step t = 1..R (eq. 8); step 1 runs with c_0 = 0, i.e. without context."""
+        self.use_step_statistics(0)
         out = [self.base.step(inputs, None)]
-        for _ in range((steps or self.unroll_steps) - 1):
+        for t in range(1, steps or self.unroll_steps):
+            self.use_step_statistics(t)
             out.append(self.base.step(inputs, self.context(out[-1])))
         return out
 
