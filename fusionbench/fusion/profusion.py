@@ -137,7 +137,9 @@ class ProFusion(nn.Module):
         layers = dict(join_layer) if isinstance(join_layer, Mapping) else {m: int(join_layer) for m in targets}
         unknown = sorted(set(layers) - set(self.base.encoders.keys()))
         if unknown:
-            raise ConfigError(f"fusion.join_layer names {unknown}, but the base model's encoders are {targets}.")
+            raise ConfigError(
+                f"fusion.join_layer names {unknown}, but the base model's encoders are {list(self.base.encoders)}."
+            )
         for m in targets:
             encoder = self.base.encoders[m]
             if not hasattr(encoder, "attach_context"):
