@@ -4,6 +4,7 @@ from fusionbench.data.base import FusionDataModule, TensorDictDataset
 from fusionbench.data.generative import GenerativeDataModule
 from fusionbench.data.lattice import LatticeDataModule
 from fusionbench.data.mogonet import MogonetDataModule
+from fusionbench.data.stocks import StocksDataModule
 from fusionbench.data.synthetic import SyntheticDataModule
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "GenerativeDataModule",
     "LatticeDataModule",
     "MogonetDataModule",
+    "StocksDataModule",
     "SyntheticDataModule",
     "TensorDictDataset",
 ]
