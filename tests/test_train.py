@@ -21,6 +21,8 @@ FUSIONS = sorted(p.stem for p in (ROOT / "configs" / "fusion").glob("*.yaml"))
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_fast_dev_run_every_fusion(fusion, make_cfg):
     extra = ["dataset.modalities=[image]"] if fusion == "unimodal" else []
+    if fusion.startswith("early_sequence"):  # stacks equal-length series (B, T, 1) along the feature axis
+        extra = ["dataset.shapes={audio: [12, 1], image: [12, 1], text: [12, 1]}"]
     if fusion == "mfas":  # fuses intermediate LeNet layers: image-shaped inputs and the LeNet backbone
         extra = ["dataset.shapes={audio: [1, 112, 112], image: [1, 28, 28]}", "dataset.modalities=[audio,image]", "backbone=avmnist"]
     cfg = make_cfg(["dataset=synthetic", f"fusion={fusion}", "debug=fdr", "trainer.enable_progress_bar=false", *extra])

@@ -6,5 +6,15 @@ from fusionbench.encoders.identity import IdentityEncoder
 from fusionbench.encoders.lenet import LeNetEncoder
 from fusionbench.encoders.mlp import MLPEncoder
 from fusionbench.encoders.patch import PatchEncoder
+from fusionbench.encoders.sequence import LSTMEncoder, TransformerSeqEncoder
 
-__all__ = ["ContextEncoder", "ContextJoin", "IdentityEncoder", "LeNetEncoder", "MLPEncoder", "PatchEncoder"]
+__all__ = [
+    "ContextEncoder",
+    "ContextJoin",
+    "IdentityEncoder",
+    "LSTMEncoder",
+    "LeNetEncoder",
+    "MLPEncoder",
+    "PatchEncoder",
+    "TransformerSeqEncoder",
+]

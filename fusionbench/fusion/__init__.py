@@ -5,6 +5,7 @@ from fusionbench.fusion.base import EncoderFusion, FusionOutput, FusionStep
 from fusionbench.fusion.concat import ConcatFusion
 from fusionbench.fusion.deq import DEQFusion
 from fusionbench.fusion.early import EarlyFusion
+from fusionbench.fusion.early_sequence import EarlySequenceFusion
 from fusionbench.fusion.gradient_blend import GradientBlendFusion
 from fusionbench.fusion.lowrank import LowRankTensorFusion
 from fusionbench.fusion.mbt import MBTFusion
@@ -22,6 +23,7 @@ __all__ = [
     "ConcatFusion",
     "DEQFusion",
     "EarlyFusion",
+    "EarlySequenceFusion",
     "EncoderFusion",
     "FusionOutput",
     "FusionStep",
