@@ -20,10 +20,13 @@ def deq_diagnostics(model: nn.Module, inputs: dict[str, torch.Tensor], steps: in
     model.eval()
     try:
         with torch.no_grad():
-            if isinstance(model, MMDynamics) and isinstance(model.fusion, DEQFusion):
-                deq, embeddings = model.fusion, model.features(inputs)[0]
-            elif isinstance(model, DEQFusion):
-                deq, embeddings = model, model.encode(inputs)
+            # Pro-Fusion: the solve of its last unroll step, on that step's encoder outputs
+            last = model.unroll(inputs)[-1].embeddings if hasattr(model, "unroll") else None
+            inner = model.base if last is not None else model
+            if isinstance(inner, MMDynamics) and isinstance(inner.fusion, DEQFusion):
+                deq, embeddings = inner.fusion, last if last is not None else inner.features(inputs)[0]
+            elif isinstance(inner, DEQFusion):
+                deq, embeddings = inner, last if last is not None else inner.encode(inputs)
             else:
                 return None
             return {"steps": steps, "batch_size": len(next(iter(inputs.values()))), "mode": deq.mode, **deq.trace(embeddings, steps)}

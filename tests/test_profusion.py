@@ -294,3 +294,13 @@ def test_batch_norm_keeps_running_statistics_per_unroll_step():
     assert model.base.encoders["a"].net[1].running_mean is model.norm0_step1_running_mean  # last step's
     state = model.state_dict()
     assert "norm0_step0_running_mean" in state and "norm0_step1_running_var" in state
+
+
+def test_deq_diagnostics_reach_through_the_wrapper():
+    from fusionbench.callbacks import deq_diagnostics
+
+    torch.manual_seed(0)
+    model = ProFusion(mlp_encoders(), 3, base="deq", unroll_steps=2, context_dim=4)
+    diag = deq_diagnostics(model, batch(8), steps=5)
+    assert diag is not None and diag["mode"] == "deq" and len(diag["solver_rel_residual"]) == 5
+    assert deq_diagnostics(ProFusion(mlp_encoders(), 3, base="concat"), batch(8), steps=5) is None
