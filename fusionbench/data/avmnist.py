@@ -98,13 +98,7 @@ class AVMNISTDataModule(FusionDataModule):
     def prepare_data(self) -> None:
         """Check the files exist and have the expected shapes; with a manifest, also that every
         array matches its recorded sha256 (the run record then stores the manifest's sha256)."""
-        missing = [f for f in self.required_files() if not (self.data_dir / f).is_file()]
-        if missing:
-            raise DatasetError(
-                f"Dataset '{self.name}' is incomplete: {len(missing)} file(s) missing in {self.data_dir} "
-                f"({', '.join(missing)}). {self.how_to_get} "
-                "Point `paths.data_dir=DIR` (or FUSIONBENCH_DATA_DIR) at the folder that holds avmnist/."
-            )
+        self.check_present()
         self._check_shapes()
         manifest_path = self.data_dir / "manifest.json"
         if manifest_path.is_file():

@@ -133,8 +133,8 @@ class FusionDataModule(pl.LightningDataModule):
     def required_files(self) -> list[str]:
         return []
 
-    def prepare_data(self) -> None:
-        """Check files exist and match their checksums; never downloads."""
+    def check_present(self) -> None:
+        """Raise a `DatasetError` naming every required file that is missing and how to get it."""
         missing = [f for f in self.required_files() if not (self.data_dir / f).is_file()]
         if missing:
             raise DatasetError(
@@ -142,6 +142,10 @@ class FusionDataModule(pl.LightningDataModule):
                 f"({', '.join(missing)}). {self.how_to_get} "
                 "Point `paths.data_dir=DIR` (or FUSIONBENCH_DATA_DIR) at the folder that holds it."
             )
+
+    def prepare_data(self) -> None:
+        """Check files exist and match their checksums; never downloads."""
+        self.check_present()
         digest = hashlib.sha256()
         problems = []
         for f in sorted(self.required_files()):
