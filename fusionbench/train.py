@@ -16,6 +16,7 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -98,6 +99,15 @@ def build(cfg: DictConfig) -> tuple[FusionDataModule, FusionTask]:
     return dm, task
 
 
+def robustness_curves(grid: DictConfig, dm: FusionDataModule, task: FusionTask, test_ckpt: str | None) -> dict[str, Any]:
+    """The test split under the `robustness` grid, with the weights that were tested."""
+    from fusionbench.robustness import run_grid
+
+    if test_ckpt:  # the tested checkpoint; under ddp_spawn this process's module never saw it
+        task.load_state_dict(torch.load(test_ckpt, map_location="cpu", weights_only=False)["state_dict"])
+    return run_grid(task, dm, OmegaConf.to_container(grid, resolve=True))
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run one experiment; returns (the run record, the objects built)."""
     start = time.time()
@@ -124,7 +134,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         test_ckpt = ckpt_path
     test_metrics = trainer.test(task, datamodule=dm, ckpt_path=test_ckpt)[0] if cfg.test else {}
 
+    robustness = None
+    if cfg.get("robustness") and trainer.is_global_zero:
+        robustness = robustness_curves(cfg.robustness, dm, task, test_ckpt)
     result = runtime_info(cfg, dm, task, trainer, test_metrics, test_ckpt, wall_time_s=time.time() - start, git=git)
+    if robustness is not None:
+        result["robustness"] = robustness
     if trainer.is_global_zero and not (cfg.trainer.get("fast_dev_run") and cfg.train):
         record.write(result)
     return result, {"datamodule": dm, "task": task, "trainer": trainer}

@@ -6,7 +6,7 @@ nouns, and every place where order matters sorts them.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +193,13 @@ class FusionDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, shuffle=False)
+
+    def robustness_set(self, corrupt: Callable[[Mapping[str, torch.Tensor], int], dict]) -> Dataset:
+        """The test split with ``corrupt(inputs, index)`` applied to every sample (`fusionbench.robustness`).
+        Datasets with a per-sample transform override this to corrupt before it (stocks: before quantising)."""
+        from fusionbench.robustness import CorruptedDataset
+
+        return CorruptedDataset(self.test_set, corrupt)
 
     def select_modalities(self, available: Sequence[str], wanted: Sequence[str] | None) -> list[str]:
         wanted = list(available) if wanted is None else list(wanted)

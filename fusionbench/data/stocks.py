@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,9 +112,11 @@ class StockWindows(Dataset):
         starts: range,
         window: int,
         levels: int | None,
+        corrupt: Callable[[Mapping[str, torch.Tensor], int], dict] | None = None,
     ) -> None:
         self.returns, self.modalities, self.target = returns, list(modalities), target
         self.starts, self.window, self.levels = starts, int(window), levels
+        self.corrupt = corrupt  # robustness noise on the raw window, before quantisation (as MultiBench)
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -122,6 +124,9 @@ class StockWindows(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         s = self.starts[i]
         x = self.returns[s : s + self.window]
+        if self.corrupt is not None:
+            noisy = self.corrupt({m: x[:, j : j + 1] for j, m in enumerate(self.modalities)}, i)
+            x = torch.cat([noisy[m] for m in self.modalities], dim=1)
         if self.levels:
             x = quantize(x, self.levels)
         return {
@@ -351,6 +356,11 @@ class StocksDataModule(FusionDataModule):
             "window": self.window,
             "quantize": self.quantize_levels if self.quantize else False,
         }
+
+    def robustness_set(self, corrupt: Callable[[Mapping[str, torch.Tensor], int], dict]) -> StockWindows:
+        """The test windows corrupted before quantisation, as MultiBench's robustness loaders do."""
+        t = self.test_set
+        return StockWindows(t.returns, t.modalities, t.target, t.starts, t.window, t.levels, corrupt=corrupt)
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()

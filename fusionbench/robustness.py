@@ -1,0 +1,251 @@
+"""Robustness evaluation: the test split under a declared grid of input corruptions.
+
+A grid (``configs/robustness/*.yaml``) names noise types applied together at one level ``p``, the
+levels, and the scopes: ``all`` corrupts every modality at once, ``each`` one modality at a time
+(a curve per modality). Noise types (MultiBench's time-series noises plus a relative Gaussian for
+images and features), applied per sample in the order listed:
+
+| name | effect at level p |
+| --- | --- |
+| ``white`` | ``x + p * eps``, eps ~ N(0, 1) (MultiBench ``white_noise``; p is an absolute std) |
+| ``gaussian`` | ``x + p * s_m * eps`` with ``s_m`` the std of modality m on the clean test split |
+| ``feature_drop`` | every value set to 0 with probability p (MultiBench ``random_drop``) |
+| ``timestep_drop`` | every time step (axis 0 of a sample, all its features) set to 0 with probability p (MultiBench ``structured_drop``) |
+
+Noise is drawn from a generator seeded by ``(grid seed, level index, scope, sample index)``, so a
+curve does not depend on the batch size or the model, and two models of a table see the same
+corrupted inputs. The datamodule decides *where* corruption happens (`FusionDataModule.robustness_set`):
+on the sample the model receives, or earlier where the dataset has a per-sample transform (stocks:
+before MultiBench's quantisation, as MultiBench corrupts the raw windows).
+
+Areas (Pro-Fusion appendix "Robustness Computation", after Taori et al. 2020):
+
+- raw AUC: the trapezoid area under metric-versus-level, ``auc(levels, perf)``;
+- relative robustness ``tau(f) = +/- integral (Perf(f, s) - Perf(b, s)) ds`` against a baseline model b,
+  sign flipped for error metrics (``relative_auc``), then min-max scaled to [0, 1] across the models
+  compared in one table (``scale_unit``). After scaling, the baseline cancels: tau(f) - tau(g) does not
+  depend on b, so scaled values depend only on the compared set.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fusionbench.errors import ConfigError
+from fusionbench.metrics import make_metrics, prepare_for_metrics
+
+log = logging.getLogger("fusionbench")
+
+NOISES = ("white", "gaussian", "feature_drop", "timestep_drop")
+SCOPES = ("all", "each")
+ERROR_METRICS = ("mse", "mae", "loss")  # lower is better: robustness signs are flipped
+
+
+def white_noise(x: torch.Tensor, level: float, g: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+    return x + (level * scale) * torch.randn(x.shape, generator=g, dtype=x.dtype)
+
+
+def feature_drop(x: torch.Tensor, level: float, g: torch.Generator) -> torch.Tensor:
+    return x * (torch.rand(x.shape, generator=g) >= level).to(x.dtype)
+
+
+def timestep_drop(x: torch.Tensor, level: float, g: torch.Generator) -> torch.Tensor:
+    keep = torch.rand(x.shape[:1], generator=g) >= level
+    return x * keep.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+
+
+@dataclass
+class Corruption:
+    """One point of a grid: ``noises`` at ``level`` on ``modalities``; called per sample as
+    ``corruption(inputs, index)`` (``inputs`` maps modality -> one sample's tensor)."""
+
+    noises: Sequence[str]
+    level: float
+    modalities: Sequence[str]
+    seed: int = 0
+    scales: Mapping[str, float] = field(default_factory=dict)  # per-modality std for ``gaussian``
+
+    def __call__(self, inputs: Mapping[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+        if self.level == 0:
+            return dict(inputs)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(index))
+        out = dict(inputs)
+        for m in self.modalities:  # a fixed order: the draws of one modality never depend on another's shape
+            x = out[m].float() if not out[m].is_floating_point() else out[m]
+            for noise in self.noises:
+                if noise == "white":
+                    x = white_noise(x, self.level, g)
+                elif noise == "gaussian":
+                    x = white_noise(x, self.level, g, self.scales.get(m, 1.0))
+                elif noise == "feature_drop":
+                    x = feature_drop(x, self.level, g)
+                elif noise == "timestep_drop":
+                    if x.dim() < 2:
+                        raise ConfigError(
+                            f"Noise 'timestep_drop' needs sequences (a sample of shape (time, features)); modality "
+                            f"'{m}' has samples of shape {tuple(x.shape)}. Use `gaussian`, `white` or `feature_drop` for it."
+                        )
+                    x = timestep_drop(x, self.level, g)
+            out[m] = x
+        return out
+
+
+class CorruptedDataset(Dataset):
+    """A dataset whose samples' inputs pass through ``corrupt(inputs, index)``."""
+
+    def __init__(self, base: Dataset, corrupt: Callable[[Mapping[str, torch.Tensor], int], dict]) -> None:
+        self.base, self.corrupt = base, corrupt
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.base[i]
+        return {**item, "inputs": self.corrupt(item["inputs"], i)}
+
+
+def check_grid(grid: Mapping[str, Any], modalities: Sequence[str]) -> dict[str, Any]:
+    """A validated plain copy of a robustness grid config."""
+    levels = [float(v) for v in grid.get("levels") or []]
+    noises = list(grid.get("noise") or [])
+    scopes = list(grid.get("scopes") or ["all"])
+    bad = [n for n in noises if n not in NOISES]
+    if not levels or not noises or bad:
+        raise ConfigError(
+            f"robustness needs `levels` (a list of noise levels) and `noise` (a list of {list(NOISES)}); got "
+            f"levels={levels}, noise={noises}. Pick a grid with `robustness=<name>` (configs/robustness/)."
+        )
+    if any(v < 0 for v in levels) or levels != sorted(levels):
+        raise ConfigError(f"robustness.levels must be non-negative and increasing, got {levels}.")
+    if any(("drop" in n) and v > 1 for n in noises for v in levels):
+        raise ConfigError(f"Drop probabilities must lie in [0, 1]; robustness.levels are {levels}.")
+    unknown = [s for s in scopes if s not in SCOPES and s not in modalities]
+    if unknown:
+        raise ConfigError(
+            f"robustness.scopes {unknown} unknown: use 'all', 'each' or modality names of this dataset {list(modalities)}."
+        )
+    return {
+        "levels": levels,
+        "noise": noises,
+        "scopes": scopes,
+        "seed": int(grid.get("seed", 0)),
+        "batch_size": int(grid.get("batch_size", 256)),
+        "name": grid.get("name"),
+    }
+
+
+def scope_modalities(scopes: Sequence[str], modalities: Sequence[str]) -> dict[str, list[str]]:
+    """Curve name -> corrupted modalities (``all`` -> every one; ``each`` -> one curve per modality)."""
+    out: dict[str, list[str]] = {}
+    for s in scopes:
+        if s == "all":
+            out["all"] = list(modalities)
+        elif s == "each":
+            out.update({m: [m] for m in modalities})
+        else:
+            out[s] = [s]
+    return out
+
+
+def modality_stds(dataset: Dataset, modalities: Sequence[str], batch_size: int) -> dict[str, float]:
+    """Std of every modality's values over a (clean) split: the unit of the ``gaussian`` noise."""
+    sums = {m: [0.0, 0.0, 0] for m in modalities}
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        for m in modalities:
+            x = batch["inputs"][m].double()
+            sums[m][0] += float(x.sum())
+            sums[m][1] += float((x * x).sum())
+            sums[m][2] += x.numel()
+    out = {}
+    for m, (s, ss, n) in sums.items():
+        mean = s / max(n, 1)
+        out[m] = float(np.sqrt(max(ss / max(n, 1) - mean * mean, 0.0)))
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset: Dataset, task_type: str, num_outputs: int, batch_size: int) -> dict[str, float]:
+    """Test metrics of ``model`` on ``dataset`` (the task's metric collection, eval mode)."""
+    metrics = make_metrics(task_type, num_outputs)
+    device = next(model.parameters()).device
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        inputs = {m: x.to(device) for m, x in batch["inputs"].items()}
+        out = model(inputs)
+        metrics.update(*(t.cpu() for t in prepare_for_metrics(task_type, out.logits, batch["target"].to(device))))
+    return {k: float(v) for k, v in metrics.compute().items()}
+
+
+def auc(levels: Sequence[float], values: Sequence[float]) -> float:
+    """Trapezoid area under ``values`` against ``levels``."""
+    x, y = np.asarray(levels, dtype=float), np.asarray(values, dtype=float)
+    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2.0))
+
+
+def relative_auc(levels: Sequence[float], model: Sequence[float], baseline: Sequence[float], metric: str) -> float:
+    """Pro-Fusion's tau = integral of Perf(f) - Perf(b), negated for error metrics (higher = more robust)."""
+    tau = auc(levels, np.asarray(model, dtype=float) - np.asarray(baseline, dtype=float))
+    return -tau if lower_is_better(metric) else tau
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric.split("/")[-1] in ERROR_METRICS
+
+
+def scale_unit(values: Mapping[str, float]) -> dict[str, float]:
+    """Min-max scale to [0, 1] across the compared models (all equal -> all 0)."""
+    finite = [v for v in values.values() if np.isfinite(v)]
+    if not finite:
+        return {k: float("nan") for k in values}
+    lo, hi = min(finite), max(finite)
+    return {k: (float((v - lo) / (hi - lo)) if hi > lo else 0.0) if np.isfinite(v) else float("nan") for k, v in values.items()}
+
+
+def run_grid(task: Any, dm: Any, grid: Mapping[str, Any]) -> dict[str, Any]:
+    """Evaluate ``task.model`` on the test split under every point of ``grid``: the record's ``robustness``."""
+    spec = check_grid(grid, dm.modalities)
+    model = task.model
+    was_training = model.training
+    model.eval()
+    start = time.time()
+    scales = modality_stds(dm.test_set, dm.modalities, spec["batch_size"]) if "gaussian" in spec["noise"] else {}
+    curves: dict[str, Any] = {}
+    for si, (scope, mods) in enumerate(scope_modalities(spec["scopes"], dm.modalities).items()):
+        per_level = []
+        for li, level in enumerate(spec["levels"]):
+            corruption = Corruption(spec["noise"], level, mods, seed=(spec["seed"] * 1009 + li) * 1013 + si, scales=scales)
+            per_level.append(evaluate(model, dm.robustness_set(corruption), task.task_type, dm.num_outputs, spec["batch_size"]))
+        names = sorted(per_level[0])
+        values = {k: [p[k] for p in per_level] for k in names}
+        curves[scope] = {
+            "modalities": mods,
+            "metrics": values,
+            "auc": {k: auc(spec["levels"], v) for k, v in values.items()},
+        }
+        log.info("robustness curve %r (%s): raw AUC %s", scope, ",".join(spec["noise"]), curves[scope]["auc"])
+    model.train(was_training)
+    return {**spec, "scales": scales, "curves": curves, "wall_time_s": round(time.time() - start, 2)}
+
+
+__all__ = [
+    "NOISES",
+    "CorruptedDataset",
+    "Corruption",
+    "auc",
+    "check_grid",
+    "evaluate",
+    "feature_drop",
+    "lower_is_better",
+    "relative_auc",
+    "run_grid",
+    "scale_unit",
+    "scope_modalities",
+    "timestep_drop",
+    "white_noise",
+]
