@@ -57,7 +57,7 @@ def test_explicit_input_dim_must_match_the_data():
 @pytest.mark.parametrize("fusion", options("fusion"))
 def test_every_fusion_builds_on_synthetic(fusion):
     extra = ["dataset.modalities=[text]"] if fusion == "unimodal" else []
-    if fusion.startswith("early_sequence"):  # stacks equal-length series (B, T, 1) along the feature axis
+    if fusion.startswith("early_sequence") or fusion == "mult":  # stacks equal-length series (B, T, 1) along the feature axis
         extra = ["dataset.shapes={audio: [12, 1], image: [12, 1], text: [12, 1]}"]
     if fusion == "mfas":  # fuses intermediate LeNet layers: AV-MNIST-shaped data, LeNet backbone
         extra = ["dataset.shapes={audio: [1, 112, 112], image: [1, 28, 28]}", "dataset.modalities=[audio,image]", "backbone=avmnist"]

@@ -21,7 +21,7 @@ FUSIONS = sorted(p.stem for p in (ROOT / "configs" / "fusion").glob("*.yaml"))
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_fast_dev_run_every_fusion(fusion, make_cfg):
     extra = ["dataset.modalities=[image]"] if fusion == "unimodal" else []
-    if fusion.startswith("early_sequence"):  # stacks equal-length series (B, T, 1) along the feature axis
+    if fusion.startswith("early_sequence") or fusion == "mult":  # stacks equal-length series (B, T, 1) along the feature axis
         extra = ["dataset.shapes={audio: [12, 1], image: [12, 1], text: [12, 1]}"]
     if fusion == "mfas":  # fuses intermediate LeNet layers: image-shaped inputs and the LeNet backbone
         extra = ["dataset.shapes={audio: [1, 112, 112], image: [1, 28, 28]}", "dataset.modalities=[audio,image]", "backbone=avmnist"]
@@ -182,9 +182,14 @@ def test_every_experiment_smoke_runs(experiment, make_cfg, brca_fixture_dir, avm
         extra = [f"paths.data_dir={brca_fixture_dir}", "dataset.verify_checksums=false", "dataset.batch_size=32"]
     if "_avmnist_" in experiment:
         extra = [f"paths.data_dir={avmnist_fixture_dir}", "dataset.num_train=60", "dataset.num_samples={train: 80, test: 20}"]
+    if experiment.startswith("pro_t4_"):  # the real snapshot, short windows and a 2-point noise grid (a 500-step transformer is slow)
+        extra = ["dataset.window=8", "dataset.num_train=64", "dataset.num_val=16", "robustness.levels=[0.0,0.5]"]
     cfg = make_cfg([f"experiment={experiment}", "debug=fdr", "trainer.enable_progress_bar=false", "trainer.detect_anomaly=false", *extra])
     result, objs = train(cfg)
     assert objs["trainer"].global_step == 1
+    if cfg.get("robustness"):
+        curve = result["robustness"]["curves"]["all"]["metrics"]
+        assert len(curve["mse"]) == len(cfg.robustness.levels) and all(math.isfinite(v) for v in curve["mse"])
     if objs["datamodule"].task_type == "regression":
         assert math.isfinite(result["metrics"]["test/mse"])
     else:

@@ -12,6 +12,7 @@ from fusionbench.fusion.mbt import MBTFusion
 from fusionbench.fusion.mfas import MFASFusion
 from fusionbench.fusion.mfm import MFMFusion
 from fusionbench.fusion.mmdynamics import MMDynamics
+from fusionbench.fusion.mult import MulTFusion
 from fusionbench.fusion.profusion import ProFusion
 from fusionbench.fusion.refnet import RefNetFusion
 from fusionbench.fusion.sum import SumFusion
@@ -33,6 +34,7 @@ __all__ = [
     "MFASFusion",
     "MFMFusion",
     "MMDynamics",
+    "MulTFusion",
     "ProFusion",
     "RefNetFusion",
     "SumFusion",

@@ -30,6 +30,7 @@ def flatten(record: dict[str, Any]) -> dict[str, Any]:
     row["epochs_trained"] = record.get("epochs_trained")
     row["params"] = (record.get("params") or {}).get("total")
     row["git_sha"] = (record.get("git") or {}).get("sha")
+    row["robustness"] = record.get("robustness")  # noise curves (robustness tables), or None
     return row
 
 

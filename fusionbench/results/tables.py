@@ -26,6 +26,12 @@ from fusionbench import ROOT
 from fusionbench.results.collect import collect_runs
 from fusionbench.results.curves import curve_csv, curve_figure, curve_markdown, curve_rows
 from fusionbench.results.figures import convergence_figures, convergence_markdown, convergence_rows
+from fusionbench.results.robustness_table import (
+    robustness_csv,
+    robustness_figure,
+    robustness_markdown,
+    robustness_rows,
+)
 
 DASH = "—"
 README_START, README_END = "<!-- tables:start -->", "<!-- tables:end -->"
@@ -50,7 +56,7 @@ class TableSpec:
     title: str
     rows: list[dict[str, Any]]
     metrics: list[Metric] = field(default_factory=list)
-    kind: str = "metrics"  # or "convergence" (results/figures.py) or "curve" (results/curves.py)
+    kind: str = "metrics"  # or "convergence" (results/figures.py), "curve" (results/curves.py), "robustness"
     steps: list[int] = field(default_factory=lambda: [1, 10, 20, 40, 100])
     trace: str = "solver_rel_residual"
     seeds: int = 5
@@ -62,6 +68,10 @@ class TableSpec:
     improvement: bool = False  # curve tables: per-seed % improvement over each row's `baseline`
     higher_is_better: bool = False
     artifact: str = ""  # curve tables: read values from this JSON file of each run folder
+    curve: str = "all"  # robustness tables: the curve (scope) of the records' `robustness` entry
+    robust_metric: str = ""  # robustness tables: the metric of the noise curves (e.g. mse)
+    baseline: str | dict = ""  # robustness tables: experiment (or {group: experiment}) whose mean curve is b of tau
+    auc_digits: int = 3
 
     @classmethod
     def load(cls, path: str | Path) -> TableSpec:
@@ -71,8 +81,10 @@ class TableSpec:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}")
         raw["metrics"] = [Metric(**m) for m in raw.get("metrics", [])]
         kind = raw.get("kind", "metrics")
-        if kind not in ("metrics", "convergence", "curve"):
-            raise ValueError(f"{path}: kind must be 'metrics', 'convergence' or 'curve', got {kind!r}")
+        if kind not in ("metrics", "convergence", "curve", "robustness"):
+            raise ValueError(f"{path}: kind must be 'metrics', 'convergence', 'curve' or 'robustness', got {kind!r}")
+        if kind == "robustness" and not (raw.get("robust_metric") and raw.get("baseline")):
+            raise ValueError(f"{path}: a robustness table needs `robust_metric` (e.g. mse) and `baseline` (an experiment name)")
         if kind == "curve":
             if not raw.get("x", {}).get("values") or len(raw["metrics"]) != 1:
                 raise ValueError(f"{path}: a curve table needs `x: {{label, values}}` and exactly one metric")
@@ -202,7 +214,8 @@ def build_tables(
     root: str | Path = ROOT,
     only: Sequence[str] | None = None,
 ) -> dict[str, str]:
-    """Write every table's files (.md/.csv/.tex; convergence tables .md and .png; curves .md/.csv/.png);
+    """Write every table's files (.md/.csv/.tex; convergence tables .md and .png; curve and robustness tables
+    .md/.csv/.png);
     return name -> markdown."""
     out_dir, root = Path(out_dir), Path(root)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -218,6 +231,14 @@ def build_tables(
             (out_dir / f"{spec.name}.md").write_text(md)
             (out_dir / f"{spec.name}.csv").write_text(curve_csv(spec, rows))
             curve_figure(spec, rows, out_dir)
+            rendered[spec.name] = md
+            continue
+        if spec.kind == "robustness":
+            rows, grid, skipped = robustness_rows(spec, runs)
+            md = robustness_markdown(spec, rows, grid, skipped)
+            (out_dir / f"{spec.name}.md").write_text(md)
+            (out_dir / f"{spec.name}.csv").write_text(robustness_csv(spec, rows, grid))
+            robustness_figure(spec, rows, grid, out_dir)
             rendered[spec.name] = md
             continue
         if spec.kind == "convergence":
