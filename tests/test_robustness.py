@@ -174,7 +174,7 @@ def test_stock_noise_is_applied_before_quantisation(tmp_path):
 def test_evaluate_agrees_with_the_trainer_test_and_the_record_holds_the_curves(tmp_path):
     cfg = compose_cfg(["dataset=synthetic", "fusion=concat", *FAST, "trainer.max_epochs=2", "robustness=gaussian",
                        "robustness.levels=[0.0,0.5,1.0]"], output_dir=tmp_path / "run")
-    result, objs = train(cfg)
+    _, objs = train(cfg)
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
     rob = record["robustness"]
     assert rob["levels"] == [0.0, 0.5, 1.0] and rob["noise"] == ["gaussian"] and set(rob["scales"]) == set(objs["datamodule"].modalities)
@@ -222,3 +222,16 @@ def test_robustness_table_from_records(tmp_path):
     csv = (tmp_path / "out" / "t.csv").read_text().splitlines()
     assert csv[0].endswith("mse@0,mse@0.4,mse@0.8") and csv[1].endswith("1,2,4")  # the mean curve of Base
     assert (tmp_path / "out" / "t.png").stat().st_size > 1000
+
+
+def test_a_checkpoint_is_evaluated_under_a_grid_without_training(tmp_path):
+    base = ["dataset=synthetic", "fusion=concat", *FAST, "trainer.max_epochs=2"]
+    first, _ = train(compose_cfg(base, output_dir=tmp_path / "train"))
+    ckpt = next((tmp_path / "train" / "checkpoints").glob("epoch*.ckpt"))
+    cfg = compose_cfg([*base, "train=false", f"ckpt_path={ckpt}", "robustness=feature_drop", "robustness.levels=[0.0,0.9]",
+                       "robustness.scopes=[all]"], output_dir=tmp_path / "eval")
+    result, objs = train(cfg)
+    acc = result["robustness"]["curves"]["all"]["metrics"]["acc"]
+    assert acc[0] == pytest.approx(first["metrics"]["test/acc"], abs=1e-6)  # the same weights as the trained run's test
+    assert acc[1] < acc[0]
+    assert objs["trainer"].global_step == 0

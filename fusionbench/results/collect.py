@@ -31,6 +31,9 @@ def flatten(record: dict[str, Any]) -> dict[str, Any]:
     row["params"] = (record.get("params") or {}).get("total")
     row["git_sha"] = (record.get("git") or {}).get("sha")
     row["robustness"] = record.get("robustness")  # noise curves (robustness tables), or None
+    for scope, curve in ((row["robustness"] or {}).get("curves") or {}).items():
+        for metric, area in (curve.get("auc") or {}).items():  # raw AUCs as plain columns (curve tables)
+            row[f"robustness/{scope}/{metric}_auc"] = area
     return row
 
 
