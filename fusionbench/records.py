@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fusionbench import ROOT, __version__
+from fusionbench.compute import model_compute
 
 RECORD_NAME = "metrics.json"
 RECORD_VERSION = 1
@@ -96,6 +97,7 @@ def runtime_info(
         "selection": getattr(dm, "selection", "val"),
         "data": dm.describe(),
         "params": {"total": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in params if p.requires_grad)},
+        "compute": model_compute(task.model, dm),  # MAdds at batch 1 (fusionbench.compute); {"error": ...} if uncountable
         "wall_time_s": round(wall_time_s, 2),
         "git": git or git_state(),
         "versions": {"fusionbench": __version__, "torch": torch.__version__, "pytorch_lightning": pl.__version__},
