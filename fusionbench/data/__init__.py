@@ -3,7 +3,9 @@ from fusionbench.data.avmnist import AVMNISTDataModule
 from fusionbench.data.base import FusionDataModule, TensorDictDataset
 from fusionbench.data.generative import GenerativeDataModule
 from fusionbench.data.lattice import LatticeDataModule
+from fusionbench.data.mmimdb import MMIMDBDataModule
 from fusionbench.data.mogonet import MogonetDataModule
+from fusionbench.data.mosei import MOSEIDataModule
 from fusionbench.data.stocks import StocksDataModule
 from fusionbench.data.synthetic import SyntheticDataModule
 
@@ -12,6 +14,8 @@ __all__ = [
     "FusionDataModule",
     "GenerativeDataModule",
     "LatticeDataModule",
+    "MMIMDBDataModule",
+    "MOSEIDataModule",
     "MogonetDataModule",
     "StocksDataModule",
     "SyntheticDataModule",
