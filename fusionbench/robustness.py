@@ -171,9 +171,11 @@ def modality_stds(dataset: Dataset, modalities: Sequence[str], batch_size: int) 
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset: Dataset, task_type: str, num_outputs: int, batch_size: int) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module, dataset: Dataset, task_type: str, num_outputs: int, batch_size: int, extra: tuple[str, ...] = ()
+) -> dict[str, float]:
     """Test metrics of ``model`` on ``dataset`` (the task's metric collection, eval mode)."""
-    metrics = make_metrics(task_type, num_outputs)
+    metrics = make_metrics(task_type, num_outputs, extra)
     device = next(model.parameters()).device
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         inputs = {m: x.to(device) for m, x in batch["inputs"].items()}
@@ -220,7 +222,8 @@ def run_grid(task: Any, dm: Any, grid: Mapping[str, Any]) -> dict[str, Any]:
         per_level = []
         for li, level in enumerate(spec["levels"]):
             corruption = Corruption(spec["noise"], level, mods, seed=(spec["seed"] * 1009 + li) * 1013 + si, scales=scales)
-            per_level.append(evaluate(model, dm.robustness_set(corruption), task.task_type, dm.num_outputs, spec["batch_size"]))
+            per_level.append(evaluate(model, dm.robustness_set(corruption), task.task_type, dm.num_outputs, spec["batch_size"],
+                                      tuple(getattr(task, "extra_metrics", ()))))
         names = sorted(per_level[0])
         values = {k: [p[k] for p in per_level] for k in names}
         curves[scope] = {

@@ -17,7 +17,9 @@ from fusionbench.errors import TrainingError
 from fusionbench.metrics import make_metrics, prepare_for_metrics
 
 
-def task_loss(task_type: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def task_loss(task_type: str, logits: torch.Tensor, target: torch.Tensor, regression_loss: str = "mse") -> torch.Tensor:
+    if task_type == "regression" and regression_loss == "l1":  # MOSI/MOSEI models train on L1
+        return F.l1_loss(logits.reshape(target.shape).float(), target.float())
     if task_type == "multiclass":
         return F.cross_entropy(logits, target.long())
     if task_type == "multilabel":
@@ -36,6 +38,8 @@ class FusionTask(pl.LightningModule):
         scheduler: optional partial LR scheduler, called with the optimizer; stepped per epoch.
         aux_weight: multiplier of the model's ``aux_loss``.
         check_finite: stop with a `TrainingError` naming the step when the loss is NaN or infinite.
+        regression_loss: ``mse`` or ``l1`` for regression tasks (the dataset's ``regression_loss``).
+        extra_metrics: names of extra metrics (the dataset's ``extra_metrics``, `fusionbench.metrics`).
     """
 
     def __init__(
@@ -47,6 +51,8 @@ class FusionTask(pl.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         aux_weight: float = 1.0,
         check_finite: bool = True,
+        regression_loss: str = "mse",
+        extra_metrics: tuple[str, ...] | list[str] = (),
     ) -> None:
         super().__init__()
         self.model = model
@@ -55,7 +61,11 @@ class FusionTask(pl.LightningModule):
         self.scheduler_factory = scheduler
         self.aux_weight = aux_weight
         self.check_finite = check_finite
-        metrics = make_metrics(task_type, num_outputs)
+        if regression_loss not in ("mse", "l1"):
+            raise ValueError(f"regression_loss must be 'mse' or 'l1', got {regression_loss!r}")
+        self.regression_loss = regression_loss
+        self.extra_metrics = tuple(extra_metrics)
+        metrics = make_metrics(task_type, num_outputs, self.extra_metrics)
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
@@ -66,7 +76,7 @@ class FusionTask(pl.LightningModule):
     def _step(self, batch: Mapping[str, Any], stage: str) -> torch.Tensor:
         out = self.model(batch["inputs"])
         target = batch["target"]
-        loss = task_loss(self.task_type, out.logits, target)
+        loss = task_loss(self.task_type, out.logits, target, self.regression_loss)
         total = loss if out.aux_loss is None else loss + self.aux_weight * out.aux_loss
         if hasattr(self.model, "target_loss"):
             model_loss = self.model.target_loss(out, target)

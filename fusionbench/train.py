@@ -95,6 +95,8 @@ def build(cfg: DictConfig) -> tuple[FusionDataModule, FusionTask]:
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         aux_weight=cfg.get("aux_weight", 1.0),
+        regression_loss=getattr(dm, "regression_loss", "mse"),
+        extra_metrics=tuple(getattr(dm, "extra_metrics", ())),
     )
     return dm, task
 

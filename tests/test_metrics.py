@@ -59,3 +59,23 @@ def test_losses():
     assert float(task_loss("multiclass", logits, torch.tensor([0]))) == pytest.approx(math.log(1 + math.exp(-2)))
     assert float(task_loss("multilabel", torch.tensor([[0.0]]), torch.tensor([[1]]))) == pytest.approx(math.log(2))
     assert float(task_loss("regression", torch.tensor([[3.0]]), torch.tensor([1.0]))) == pytest.approx(4.0)
+
+
+def test_sign_accuracy_by_hand():
+    from fusionbench.metrics.collections import SignAccuracy
+
+    preds, truth = torch.tensor([0.5, -0.2, 0.0, 1.0]), torch.tensor([1.0, 0.0, -1.0, 0.0])
+    has0, non0 = SignAccuracy("has0"), SignAccuracy("non0")
+    has0.update(preds, truth)
+    non0.update(preds, truth)
+    # has0: (>=0) agree for 0.5/1 and 1.0/0 only -> 2/4; non0: targets 1 and -1 kept, 0.5>0 ok, 0.0>0 false = (-1>0) false ok
+    assert has0.compute().item() == 0.5 and non0.compute().item() == 1.0
+
+
+def test_extra_metrics_are_opt_in():
+    from fusionbench.metrics import make_metrics
+
+    assert set(make_metrics("regression", 1)) == {"mse", "mae", "pearson"}
+    assert set(make_metrics("regression", 1, ("acc2_has0",))) == {"mse", "mae", "pearson", "acc2_has0"}
+    with pytest.raises(ValueError, match="unknown extra metrics"):
+        make_metrics("regression", 1, ("acc7",))

@@ -297,4 +297,7 @@ def test_mosei_one_batch_through_the_configs(tmp_path, mosei_data):
     assert objs["trainer"].global_step == 1
     for key in ("test/mse", "test/mae", "test/loss"):
         assert math.isfinite(result["metrics"][key]), key
-    assert result["metrics"]["test/mse"] == pytest.approx(result["metrics"]["test/loss"], rel=1e-5)
+    assert result["metrics"]["test/mae"] == pytest.approx(result["metrics"]["test/loss"], rel=1e-5)  # trained on L1
+    assert objs["task"].regression_loss == "l1"
+    for key in ("test/acc2_has0", "test/acc2_non0"):
+        assert 0.0 <= result["metrics"][key] <= 1.0, key

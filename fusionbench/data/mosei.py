@@ -77,6 +77,9 @@ class MOSEIDataModule(FusionDataModule):
         drop_empty_text: drop samples whose text is all zero (MultiBench).
         padding: ``left`` (as stored) or ``right`` (MultiBench ``max_pad``); module docstring, step 4.
         nonfinite: ``error`` or ``zero`` for NaN/inf other than audio ``-inf`` (module docstring, step 2).
+        regression_loss: ``l1`` (MultiBench and DynMM train MOSEI on L1) or ``mse``.
+        extra_metrics: logged besides MSE/MAE/Pearson; ``acc2_has0`` is DynMM's binary accuracy
+            (sign incl. zeros), ``acc2_non0`` MultiBench's (zeros excluded), `fusionbench.metrics`.
         **kwargs: `FusionDataModule` arguments (``name`` defaults to ``mosei``, ``batch_size`` to 32 as
             MultiBench / DynMM, ``monitor`` to ``val/mae``/``min``).
     """
@@ -94,6 +97,8 @@ class MOSEIDataModule(FusionDataModule):
         drop_empty_text: bool = True,
         padding: str = "left",
         nonfinite: str = "error",
+        regression_loss: str = "l1",
+        extra_metrics: Sequence[str] = ("acc2_has0", "acc2_non0"),
         **kwargs,
     ) -> None:
         kwargs.setdefault("name", "mosei")
@@ -121,6 +126,8 @@ class MOSEIDataModule(FusionDataModule):
         self.drop_empty_text = bool(drop_empty_text)
         self.padding = padding
         self.nonfinite = nonfinite
+        self.regression_loss = regression_loss
+        self.extra_metrics = tuple(extra_metrics)
         self.info: dict[str, Any] = {}
 
     @property
