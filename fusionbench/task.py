@@ -6,6 +6,7 @@ The dataset's ``task_type`` picks the loss and the metric collection; the fusion
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import pytorch_lightning as pl
@@ -64,6 +65,8 @@ class FusionTask(pl.LightningModule):
         if regression_loss not in ("mse", "l1"):
             raise ValueError(f"regression_loss must be 'mse' or 'l1', got {regression_loss!r}")
         self.regression_loss = regression_loss
+        if hasattr(model, "bind_task_loss"):  # models whose target_loss needs the task's own loss (DynMM's stage I)
+            model.bind_task_loss(partial(task_loss, task_type, regression_loss=regression_loss))
         self.extra_metrics = tuple(extra_metrics)
         metrics = make_metrics(task_type, num_outputs, self.extra_metrics)
         self.train_metrics = metrics.clone(prefix="train/")

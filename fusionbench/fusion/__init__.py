@@ -4,6 +4,7 @@
 from fusionbench.fusion.base import EncoderFusion, FusionOutput, FusionStep
 from fusionbench.fusion.concat import ConcatFusion
 from fusionbench.fusion.deq import DEQFusion
+from fusionbench.fusion.dynmm import DynMMFusion
 from fusionbench.fusion.early import EarlyFusion
 from fusionbench.fusion.early_sequence import EarlySequenceFusion
 from fusionbench.fusion.gradient_blend import GradientBlendFusion
@@ -23,6 +24,7 @@ from fusionbench.fusion.weighted_sum import WeightedSumFusion
 __all__ = [
     "ConcatFusion",
     "DEQFusion",
+    "DynMMFusion",
     "EarlyFusion",
     "EarlySequenceFusion",
     "EncoderFusion",
