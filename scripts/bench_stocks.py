@@ -3,6 +3,8 @@ its experiment config on the real stock snapshot (batch 16, 500 returns per stoc
 time of a run (steps per epoch x epochs; validation, test and the noise grid not included).
 
     python scripts/bench_stocks.py                                   # F&B, every model, base and Pro-Fusion
+    python scripts/bench_stocks.py --variants base                   # base models only (Pro-Fusion R = 2 about doubles the
+                                                                     # activation memory: LF-Transformer needs > 20 GB on CPU)
     python scripts/bench_stocks.py --sector tech --models eflstm lflstm --device cuda --out results/pro_t4_timing.md
 
 Train step = forward + backward + the experiment's optimiser update; inference = forward in eval mode
@@ -83,16 +85,22 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sector", default="fnb", choices=["fnb", "health", "tech"])
     p.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    p.add_argument("--variants", nargs="+", default=["base", "pro"], choices=["base", "pro"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
-    rows = [bench(f"pro_t4_{args.sector}_{m}_{v}", args) for m in args.models for v in ("base", "pro")]
+    rows = []
+    for m in args.models:
+        for v in args.variants:
+            rows.append(bench(f"pro_t4_{args.sector}_{m}_{v}", args))
+            print(rows[-1], flush=True)  # a long sweep keeps what it measured if a later model runs out of memory
     threads = torch.get_num_threads() if args.device == "cpu" else "-"
     lines = [
         f"Table 4 models on {args.sector} ({args.device}, {threads} thread(s), batch 16, 500 steps; "
-        f"`python scripts/bench_stocks.py --sector {args.sector} --steps {args.steps}`)",
+        f"`python scripts/bench_stocks.py --sector {args.sector} --models {' '.join(args.models)} --variants "
+        f"{' '.join(args.variants)} --steps {args.steps} --warmup {args.warmup}`)",
         "",
         "| experiment | params | train step (s) | inference batch (s) | epochs | est. training (min) |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",

@@ -30,6 +30,7 @@ def flatten(record: dict[str, Any]) -> dict[str, Any]:
     row["epochs_trained"] = record.get("epochs_trained")
     row["params"] = (record.get("params") or {}).get("total")
     row["git_sha"] = (record.get("git") or {}).get("sha")
+    row["madds"] = (record.get("compute") or {}).get("madds")  # multiply-adds per sample at batch 1 (fusionbench.compute)
     row["robustness"] = record.get("robustness")  # noise curves (robustness tables), or None
     for scope, curve in ((row["robustness"] or {}).get("curves") or {}).items():
         for metric, area in (curve.get("auc") or {}).items():  # raw AUCs as plain columns (curve tables)
