@@ -89,7 +89,7 @@ def robustness_rows(spec, runs: pd.DataFrame) -> tuple[list[dict[str, Any]], dic
 def _fmt(value: float | None, digits: int, scale: float = 1.0) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return DASH
-    return f"{value * scale:.{digits}f}"
+    return f"{round(value * scale, digits) + 0.0:.{digits}f}"  # + 0.0: no "-0.000"
 
 
 def _pm(ms: tuple[float | None, float | None], digits: int, scale: float = 1.0) -> str:
