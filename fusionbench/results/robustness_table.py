@@ -128,6 +128,7 @@ def robustness_markdown(spec, rows: list[dict[str, Any]], grid: dict[str, Any] |
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in body]
     lines.append("")
     groups = list(dict.fromkeys(r["group"] for r in rows))
+    models = list(dict.fromkeys(r["label"].removeprefix("Pro-") for r in rows))  # a model and its Pro- version share a colour
     names = {r["experiment"]: f"{r['label']}" for r in rows}
     if isinstance(spec.baseline, dict):
         base_label = ", ".join(f"{names.get(baseline_of(spec, g), baseline_of(spec, g))} for {g}" for g in groups)
@@ -189,6 +190,7 @@ def robustness_figure(spec, rows: list[dict[str, Any]], grid: dict[str, Any] | N
     import matplotlib.pyplot as plt
 
     groups = list(dict.fromkeys(r["group"] for r in rows))
+    models = list(dict.fromkeys(r["label"].removeprefix("Pro-") for r in rows))  # a model and its Pro- version share a colour
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
     for ax, group in zip(axes[0], groups):
         drawn = False
@@ -197,7 +199,8 @@ def robustness_figure(spec, rows: list[dict[str, Any]], grid: dict[str, Any] | N
                 continue
             drawn = True
             style = "--" if r["label"].startswith("Pro-") else "-"
-            ax.plot(grid["levels"], r["mean_curve"], style, marker="o", ms=3, label=f"{r['label']} ({len(r['curves'])})")
+            color = f"C{models.index(r['label'].removeprefix('Pro-')) % 10}"
+            ax.plot(grid["levels"], r["mean_curve"], style, color=color, marker="o", ms=3, label=f"{r['label']} ({len(r['curves'])})")
         if drawn:
             ax.legend(fontsize=6)
         else:
