@@ -98,9 +98,9 @@ def main() -> None:
             print(rows[-1], flush=True)  # a long sweep keeps what it measured if a later model runs out of memory
     threads = torch.get_num_threads() if args.device == "cpu" else "-"
     lines = [
-        f"Table 4 models on {args.sector} ({args.device}, {threads} thread(s), batch 16, 500 steps; "
-        f"`python scripts/bench_stocks.py --sector {args.sector} --models {' '.join(args.models)} --variants "
-        f"{' '.join(args.variants)} --steps {args.steps} --warmup {args.warmup}`)",
+        (f"Table 4 models on {args.sector} ({args.device}, {threads} thread(s), batch 16, 500 steps; "
+         f"`python scripts/bench_stocks.py --sector {args.sector} --models {' '.join(args.models)} --variants "
+         f"{' '.join(args.variants)} --steps {args.steps} --warmup {args.warmup}`)"),
         "",
         "| experiment | params | train step (s) | inference batch (s) | epochs | est. training (min) |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",

@@ -128,7 +128,6 @@ def robustness_markdown(spec, rows: list[dict[str, Any]], grid: dict[str, Any] |
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in body]
     lines.append("")
     groups = list(dict.fromkeys(r["group"] for r in rows))
-    models = list(dict.fromkeys(r["label"].removeprefix("Pro-") for r in rows))  # a model and its Pro- version share a colour
     names = {r["experiment"]: f"{r['label']}" for r in rows}
     if isinstance(spec.baseline, dict):
         base_label = ", ".join(f"{names.get(baseline_of(spec, g), baseline_of(spec, g))} for {g}" for g in groups)
