@@ -13,11 +13,10 @@ without gradients; medians over ``--steps`` after ``--warmup`` on real training 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from bench_profusion import timed  # scripts/ is on sys.path when run as `python scripts/bench_stocks.py`
 
 from fusionbench.task import task_loss
 from fusionbench.train import build
@@ -33,20 +32,6 @@ def compose(experiment: str):
 
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         return hydra_compose("train", overrides=[f"experiment={experiment}", "paths.output_dir=/tmp/fusionbench_bench"])
-
-
-def timed(fn, device: torch.device, warmup: int, steps: int) -> float:
-    out = []
-    for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            out.append(time.perf_counter() - t0)
-    return statistics.median(out)
 
 
 def bench(experiment: str, args) -> dict:
@@ -74,8 +59,8 @@ def bench(experiment: str, args) -> dict:
         with torch.no_grad():
             model(x)
 
-    train_s = timed(train_step, device, args.warmup, args.steps)
-    infer_s = timed(infer, device, args.warmup, args.steps)
+    train_s = timed(train_step, device, args.warmup, args.steps) / 1000  # timed() gives milliseconds
+    infer_s = timed(infer, device, args.warmup, args.steps) / 1000
     steps = len(dm.train_dataloader()) * int(cfg.trainer.max_epochs)
     return {"experiment": experiment, "train_s": train_s, "infer_s": infer_s, "epochs": int(cfg.trainer.max_epochs),
             "est_min": train_s * steps / 60, "params": sum(p.numel() for p in model.parameters())}
