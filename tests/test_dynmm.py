@@ -19,6 +19,7 @@ from fusionbench.encoders import MLPEncoder
 from fusionbench.errors import ConfigError
 from fusionbench.fusion import DynMMFusion, FusionOutput
 from fusionbench.fusion.dynmm import (
+    ConvGate,
     MLPGate,
     anneal_temperature,
     gumbel_softmax_st,
@@ -288,6 +289,23 @@ def test_gates_for_sequences_and_images():
     assert m.train()(img).logits.shape == (4, 2)
     with pytest.raises(ConfigError, match=r"conv gate needs images"):
         DynMMFusion(enc, 2, experts=EXPERTS, gate="conv", stage1_epochs=0)({"a": torch.randn(4, 64), "b": torch.randn(4, 128)})
+
+
+def test_conv_gate_pools_images_of_different_sizes():
+    """AV-MNIST: a 28 x 28 digit and a 112 x 112 spectrogram; size=28 averages the spectrogram over 4 x 4 blocks."""
+    x = {"image": torch.randn(3, 1, 28, 28), "audio": torch.randn(3, 1, 112, 112)}
+    with pytest.raises(ConfigError, match=r"of one size H x W.*set fusion.gate_args.size"):
+        ConvGate(2, ["image", "audio"])(x)
+    gate = ConvGate(2, ["image", "audio"], size=28)
+    seen = {}
+    gate.features.register_forward_pre_hook(lambda mod, args: seen.update(stacked=args[0]))
+    assert gate(x).shape == (3, 2)
+    stacked = seen["stacked"]  # sorted modalities: audio first
+    assert stacked.shape == (3, 2, 28, 28)
+    torch.testing.assert_close(stacked[:, 0, 0, 0], x["audio"][:, 0, :4, :4].mean(dim=(1, 2)))
+    torch.testing.assert_close(stacked[:, 1], x["image"][:, 0])
+    with pytest.raises(ConfigError, match=r"gate_args.size must be a positive"):
+        ConvGate(2, ["image"], size=0)
 
 
 # -- two-stage training -----------------------------------------------------------------------------------

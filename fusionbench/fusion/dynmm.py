@@ -218,14 +218,26 @@ class ConvGate(nn.Module):
     """Images (B, C_m, H, W) of one size, concatenated along the channels: ``blocks`` x [Conv k x k,
     stride 2 -> BatchNorm -> Tanh] with ``channels`` filters, global average pooling, a bias-free
     ``Linear(channels, num_outputs)`` (the public code's global gate, whose last layer is the same map as a
-    bias-free 1x1 conv)."""
+    bias-free 1x1 conv). ``size``: first average-pool every image to ``size`` x ``size`` (adaptive), so
+    that images of different sizes can be stacked (AV-MNIST: the 112 x 112 spectrogram to the 28 x 28 digit)
+    and the gate stays cheap."""
 
     def __init__(
-        self, num_outputs: int, modalities: Sequence[str], channels: int = 8, kernel: int = 5, stride: int = 2, blocks: int = 2
+        self,
+        num_outputs: int,
+        modalities: Sequence[str],
+        channels: int = 8,
+        kernel: int = 5,
+        stride: int = 2,
+        blocks: int = 2,
+        size: int | None = None,
     ) -> None:
         super().__init__()
+        if size is not None and int(size) < 1:
+            raise ConfigError(f"fusion.gate_args.size must be a positive image side or null, got {size}.")
         self.num_outputs = int(num_outputs)
         self.modalities = sorted(modalities)
+        self.size = None if size is None else int(size)
         layers: list[nn.Module] = []
         for b in range(blocks):
             conv = nn.LazyConv2d if b == 0 else nn.Conv2d
@@ -237,10 +249,16 @@ class ConvGate(nn.Module):
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         xs = _tensors(inputs, self.modalities, "conv")
         shapes = {m: tuple(x.shape) for m, x in zip(self.modalities, xs)}
-        if any(x.dim() != 4 for x in xs) or len({tuple(x.shape[2:]) for x in xs}) != 1:
+        if any(x.dim() != 4 for x in xs):
+            raise ConfigError(
+                f"The conv gate needs images (B, C, H, W) in every modality, got {shapes}; use fusion.gate=mlp for other inputs."
+            )
+        if self.size is not None:
+            xs = [F.adaptive_avg_pool2d(x, self.size) for x in xs]
+        if len({tuple(x.shape[2:]) for x in xs}) != 1:
             raise ConfigError(
                 f"The conv gate needs images (B, C, H, W) of one size H x W in every modality, got {shapes}; "
-                "use fusion.gate=mlp for other inputs."
+                "set fusion.gate_args.size to pool them to one size, or use fusion.gate=mlp."
             )
         return self.out(self.features(torch.cat(xs, dim=1)).mean(dim=(2, 3)))
 
