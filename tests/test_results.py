@@ -125,3 +125,70 @@ def test_convergence_table_and_figures(tmp_path):
     assert "| Tied | iteration_rel_diff | 0/2 | — | — |" in md and "e_tied" in md
     assert (tmp_path / "out" / "conv.png").stat().st_size > 1000
     assert (tmp_path / "out" / "conv_gates.png").stat().st_size > 1000
+
+
+TRADEOFF = """
+name: trade
+title: Trade-off
+seeds: 2
+metrics:
+  - {key: test/acc, label: Acc, scale: 100, digits: 1}
+  - {key: madds, label: MAdds, digits: 0}
+  - {key: test/dynmm/madds, label: "E[MAdds]", digits: 0}
+  - {key: test/dynmm/share_uni, label: share uni, digits: 2}
+  - {key: test/dynmm/share_late, label: share late, digits: 2}
+tradeoff:
+  x: test/dynmm/madds
+  x_fallback: madds
+  x_scale: 1.0e-3
+  y: test/acc
+  y_scale: 100
+  shares: {test/dynmm/share_uni: uni, test/dynmm/share_late: late}
+rows:
+  - {label: Static, experiment: t_static}
+  - {label: "lam 0", experiment: t_lam0, lambda: 0}
+  - {label: "lam 1", experiment: t_lam1, lambda: 1}
+  - {label: "lam 0.1", experiment: t_lam01, lambda: 0.1}
+"""
+
+
+def test_tradeoff_points_follow_the_table_and_the_figure_is_written(tmp_path):
+    from fusionbench.results.tables import aggregate
+    from fusionbench.results.tradeoff import tradeoff_points
+
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables" / "trade.yaml").write_text(TRADEOFF)
+    for seed in (0, 1):
+        write_run(tmp_path, "t_static", seed, 0.7 + 0.1 * seed, compute={"madds": 1000.0})
+        for name, share in (("t_lam0", 0.0), ("t_lam01", 0.5), ("t_lam1", 1.0)):
+            folder = write_run(tmp_path, name, seed, 0.9 - 0.2 * share, compute={"madds": 2000.0})
+            record = json.loads((folder / "metrics.json").read_text())
+            # E[MAdds] = share_uni * 100 + share_late * 1000 (+ seed so that x has a spread)
+            record["metrics"].update({"test/dynmm/share_uni": share, "test/dynmm/share_late": 1 - share,
+                                      "test/dynmm/madds": share * 100 + (1 - share) * 1000 + seed})
+            (folder / "metrics.json").write_text(json.dumps(record))
+    md = build_tables(tmp_path / "tables", tmp_path / "out", tmp_path)["trade"]
+    assert (tmp_path / "out" / "trade.png").stat().st_size > 0
+    assert "Figure `results/trade.png`" in md
+    spec = TableSpec.load(tmp_path / "tables" / "trade.yaml")
+    points = {p["label"]: p for p in tradeoff_points(spec, aggregate(spec, collect_runs([tmp_path / "results" / "runs"])))}
+    # static row: no E[MAdds], so x falls back to the record's MAdds (1000 -> 1.0 k); acc mean of 70 and 80
+    assert points["Static"]["lambda"] is None and points["Static"]["x"] == pytest.approx(1.0)
+    assert points["Static"]["y"] == pytest.approx(75.0) and points["Static"]["y_std"] == pytest.approx(50 ** 0.5)
+    # lam 0.1: share 0.5 -> E[MAdds] mean (550 + 551) / 2 = 550.5 -> 0.5505 k, std 0.707 / 1000
+    assert points["lam 0.1"]["lambda"] == 0.1
+    assert points["lam 0.1"]["x"] == pytest.approx(0.5505) and points["lam 0.1"]["x_std"] == pytest.approx(0.5 ** 0.5 / 1000)
+    assert points["lam 1"]["shares"]["test/dynmm/share_uni"] == (1.0, 0.0)
+
+
+def test_tradeoff_block_is_checked(tmp_path):
+    bad = TRADEOFF.replace("\n  y: test/acc", "\n  y: test/f1")
+    (tmp_path / "bad.yaml").write_text(bad)
+    with pytest.raises(ValueError, match=r"tradeoff keys \['test/f1'\] are not among the table's metrics"):
+        TableSpec.load(tmp_path / "bad.yaml")
+    (tmp_path / "bad.yaml").write_text(TRADEOFF.replace("lambda: 1}", "lambda: high}"))
+    with pytest.raises(ValueError, match=r"rows \['lam 1'\] have a non-numeric `lambda`"):
+        TableSpec.load(tmp_path / "bad.yaml")
+    (tmp_path / "bad.yaml").write_text(TRADEOFF.replace("  y_scale: 100", "  y_scael: 100"))
+    with pytest.raises(ValueError, match=r"tradeoff has unknown keys \['y_scael'\]"):
+        TableSpec.load(tmp_path / "bad.yaml")

@@ -32,6 +32,7 @@ from fusionbench.results.robustness_table import (
     robustness_markdown,
     robustness_rows,
 )
+from fusionbench.results.tradeoff import check_tradeoff, tradeoff_figure
 
 DASH = "—"
 README_START, README_END = "<!-- tables:start -->", "<!-- tables:end -->"
@@ -72,6 +73,7 @@ class TableSpec:
     robust_metric: str = ""  # robustness tables: the metric of the noise curves (e.g. mse)
     baseline: str | dict = ""  # robustness tables: experiment (or {group: experiment}) whose mean curve is b of tau
     auc_digits: int = 3
+    tradeoff: dict = field(default_factory=dict)  # metrics tables: metric-vs-compute and share-vs-λ figure (results/tradeoff.py)
 
     @classmethod
     def load(cls, path: str | Path) -> TableSpec:
@@ -98,6 +100,10 @@ class TableSpec:
         for row in raw["rows"]:
             if "label" not in row or "experiment" not in row:
                 raise ValueError(f"{path}: every row needs `label` and `experiment`, got {row}")
+        if raw.get("tradeoff"):
+            if kind != "metrics":
+                raise ValueError(f"{path}: `tradeoff` figures belong to metrics tables, not kind {kind!r}")
+            check_tradeoff(raw["tradeoff"], [m.key for m in raw["metrics"]], raw["rows"], str(path))
         return cls(**raw)
 
     @property
@@ -110,7 +116,8 @@ def aggregate(spec: TableSpec, runs: pd.DataFrame) -> list[dict[str, Any]]:
     out = []
     for row in spec.rows:
         sel = runs[runs["experiment_name"] == row["experiment"]] if len(runs) else runs
-        entry: dict[str, Any] = {"label": row["label"], "experiment": row["experiment"], "n": len(sel), "reported": row.get("reported") or {}}
+        entry: dict[str, Any] = {"label": row["label"], "experiment": row["experiment"], "n": len(sel), "reported": row.get("reported") or {},
+                                 "command": row.get("command") or spec.command}
         for m in spec.metrics:
             values = pd.to_numeric(sel[m.key], errors="coerce").dropna() if m.key in sel else pd.Series(dtype=float)
             entry[m.key] = (
@@ -144,11 +151,17 @@ def notes(spec: TableSpec, rows: list[dict[str, Any]]) -> list[str]:
     lines = ["Mean ± sample standard deviation over seeds; `runs` = runs found / seeds expected."]
     if spec.has_reported:
         lines.append(f"Reported columns: the numbers printed in {spec.reported_source}; not measured by us.")
+    if spec.tradeoff:
+        t = spec.tradeoff
+        lines.append(
+            f"Figure `results/{spec.name}.png`: (a) {t.get('y_label', t['y'])} against {t.get('x_label', t['x'])} "
+            "(rows with a λ as one line, other rows as single points); (b) each expert's share of the test samples against λ."
+        )
     missing = [r for r in rows if r["n"] < spec.seeds]
     if missing:
         lines.append(
             "Incomplete rows (" + ", ".join(f"{r['label']}: {r['n']}/{spec.seeds}" for r in missing) + "); to fill them: "
-            + "; ".join(f"`{spec.command.format(experiment=r['experiment'])}`" for r in missing)
+            + "; ".join(f"`{r['command'].format(experiment=r['experiment'])}`" for r in missing)
         )
     return lines
 
@@ -214,8 +227,8 @@ def build_tables(
     root: str | Path = ROOT,
     only: Sequence[str] | None = None,
 ) -> dict[str, str]:
-    """Write every table's files (.md/.csv/.tex; convergence tables .md and .png; curve and robustness tables
-    .md/.csv/.png);
+    """Write every table's files (.md/.csv/.tex, plus .png with a `tradeoff` block; convergence tables .md and
+    .png; curve and robustness tables .md/.csv/.png);
     return name -> markdown."""
     out_dir, root = Path(out_dir), Path(root)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -253,6 +266,8 @@ def build_tables(
         (out_dir / f"{spec.name}.md").write_text(md)
         (out_dir / f"{spec.name}.csv").write_text(to_csv(spec, rows))
         (out_dir / f"{spec.name}.tex").write_text(to_latex(spec, rows))
+        if spec.tradeoff:
+            tradeoff_figure(spec, rows, out_dir)
         rendered[spec.name] = md
     return rendered
 
