@@ -275,6 +275,13 @@ def test_missing_or_foreign_stage1_checkpoint_is_explained(tmp_path):
     torch.save({"state_dict": {"model.head.0.weight": torch.zeros(3, 14)}}, foreign)
     with pytest.raises(ConfigError, match=r"holds no expert weights .* not from a fusion=dynmm run"):
         model(stage1_ckpt=str(foreign))
+    # a pattern must name one file: two matches are refused, none is "does not exist"
+    torch.save({"state_dict": {}}, tmp_path / "epoch001.ckpt")
+    torch.save({"state_dict": {}}, tmp_path / "epoch002.ckpt")
+    with pytest.raises(ConfigError, match=r"epoch\*.ckpt matches 2 files \(epoch001.ckpt, epoch002.ckpt\); name one"):
+        model(stage1_ckpt=str(tmp_path / "epoch*.ckpt"))
+    with pytest.raises(ConfigError, match=r"best\*.ckpt does not exist"):
+        model(stage1_ckpt=str(tmp_path / "best*.ckpt"))
 
 
 def test_gates_for_sequences_and_images():

@@ -171,12 +171,35 @@ def avmnist_fixture_dir(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def mmimdb_fixture_dir(tmp_path_factory):
+    """MM-IMDB in gmu-mmimdb's HDF5 layout (MultiBench's file), 24 / 8 / 8 rows."""
+    from fusionbench.data.mmimdb import write_fixture
+
+    root = tmp_path_factory.mktemp("data")
+    write_fixture(root / "mmimdb")
+    return root
+
+
+@pytest.fixture(scope="module")
+def mosei_fixture_dir(tmp_path_factory):
+    """CMU-MOSEI in MultiBench's affect pickle layout, 24 / 8 / 8 segments of 50 steps."""
+    from fusionbench.data.mosei import write_fixture
+
+    root = tmp_path_factory.mktemp("data")
+    write_fixture(root / "mosei")
+    return root
+
+
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
+FIXTURE_SIZES = "dataset.num_samples={train: 24, val: 8, test: 8}"
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_smoke_runs(experiment, make_cfg, brca_fixture_dir, avmnist_fixture_dir):
-    """One batch of train/val/test of each pinned experiment (BRCA and AV-MNIST ones on shape-exact fixtures)."""
+def test_every_experiment_smoke_runs(experiment, make_cfg, brca_fixture_dir, avmnist_fixture_dir, mmimdb_fixture_dir,
+                                    mosei_fixture_dir):
+    """One batch of train/val/test of each pinned experiment (BRCA, AV-MNIST, MM-IMDB and MOSEI ones on fixtures in
+    the real formats and shapes; DynMM rows that load their stage I from earlier runs start from fresh experts)."""
     extra = []
     if "_brca_" in experiment:
         extra = [f"paths.data_dir={brca_fixture_dir}", "dataset.verify_checksums=false", "dataset.batch_size=32"]
@@ -184,9 +207,18 @@ def test_every_experiment_smoke_runs(experiment, make_cfg, brca_fixture_dir, avm
         extra = [f"paths.data_dir={avmnist_fixture_dir}", "dataset.num_train=60", "dataset.num_samples={train: 80, test: 20}"]
     if experiment.startswith("pro_t4_"):  # the real snapshot, short windows and a 2-point noise grid (a 500-step transformer is slow)
         extra = ["dataset.window=8", "dataset.num_train=64", "dataset.num_val=16", "robustness.levels=[0.0,0.5]"]
+    if "_mmimdb" in experiment:
+        extra = [f"paths.data_dir={mmimdb_fixture_dir}", FIXTURE_SIZES]
+    if "_mosei" in experiment:
+        extra = [f"paths.data_dir={mosei_fixture_dir}", FIXTURE_SIZES]
     cfg = make_cfg([f"experiment={experiment}", "debug=fdr", "trainer.enable_progress_bar=false", "trainer.detect_anomaly=false", *extra])
+    if cfg.fusion.get("stage1_ckpt"):  # covered end to end by test_dynmm_row_starts_from_the_expert_rows_checkpoints
+        cfg.fusion.stage1_ckpt = None
     result, objs = train(cfg)
     assert objs["trainer"].global_step == 1
+    if objs["datamodule"].task_type == "multilabel":
+        assert 0.0 <= result["metrics"]["test/f1_macro"] <= 1.0
+        return
     if cfg.get("robustness"):
         curve = result["robustness"]["curves"]["all"]["metrics"]
         assert len(curve["mse"]) == len(cfg.robustness.levels) and all(math.isfinite(v) for v in curve["mse"])
@@ -194,3 +226,35 @@ def test_every_experiment_smoke_runs(experiment, make_cfg, brca_fixture_dir, avm
         assert math.isfinite(result["metrics"]["test/mse"])
     else:
         assert 0.0 <= result["metrics"]["test/acc"] <= 1.0
+
+
+def test_dynmm_row_starts_from_the_expert_rows_checkpoints(make_cfg, mmimdb_fixture_dir, tmp_path):
+    """DynMM Table 1 as a user runs it: the two expert rows, then DynMM-b, whose stage I is those runs' selected
+    checkpoints (found by pattern under results/runs); its experts start with exactly the static experts' weights."""
+    import torch
+
+    from fusionbench.fusion import DynMMFusion
+
+    results = tmp_path / "results"
+    common = [f"paths.data_dir={mmimdb_fixture_dir}", FIXTURE_SIZES, f"paths.results_dir={results}", "seed=3",
+              "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "logger=none"]
+    experts = {}
+    for row in ("text", "late"):
+        sub = f"results/runs/dynmm_t1_mmimdb_{row}/seed=3"
+        _, objs = train(make_cfg([f"experiment=dynmm_t1_mmimdb_{row}", *common], sub=sub))
+        ckpts = list((tmp_path / sub / "checkpoints").glob("epoch*.ckpt"))
+        assert len(ckpts) == 1
+        experts[row] = torch.load(ckpts[0], map_location="cpu", weights_only=False)["state_dict"]
+    cfg = make_cfg(["experiment=dynmm_t1_mmimdb_b", *common, "trainer.max_epochs=1"], sub="dyn")
+    assert cfg.fusion.stage1_ckpt.uni == f"{results}/runs/dynmm_t1_mmimdb_text/seed=3/checkpoints/epoch*.ckpt"
+    from fusionbench.train import build
+
+    model = next(m for m in build(cfg)[1].modules() if isinstance(m, DynMMFusion))
+    assert model.stage1_loaded and model.stage_at(0) == 2
+    for name, row in (("uni", "text"), ("late", "late")):
+        loaded = model.experts[name].state_dict()
+        static = {k.removeprefix("model."): v for k, v in experts[row].items() if k.startswith("model.")}
+        assert loaded.keys() == static.keys()
+        assert all(torch.equal(loaded[k], static[k]) for k in loaded)
+    result, _ = train(cfg)
+    assert result["metrics"]["test/dynmm/share_uni"] + result["metrics"]["test/dynmm/share_late"] == pytest.approx(1.0)

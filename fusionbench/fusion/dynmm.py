@@ -306,7 +306,8 @@ class DynMMFusion(nn.Module):
         stage1_epochs: epochs of stage I (expert pre-training) before the gate is trained.
         freeze_experts: freeze the experts in stage II (otherwise fine-tuned with the gate).
         stage1_ckpt: a ``.ckpt`` of an earlier DynMM run (its experts are loaded), or ``{expert: .ckpt of
-            that expert's own run}``; stage I is skipped.
+            that expert's own run}``; stage I is skipped. A path may be a file-name pattern that matches
+            exactly one file (``.../checkpoints/epoch*.ckpt``: the run's selected checkpoint).
     """
 
     def __init__(
@@ -534,6 +535,15 @@ class DynMMFusion(nn.Module):
     @staticmethod
     def _state_dict_of(path: str) -> dict[str, torch.Tensor]:
         p = Path(path)
+        if not p.is_file() and any(c in str(path) for c in "*?["):
+            # a pattern such as .../checkpoints/epoch*.ckpt: the selected checkpoint of a run (save_top_k=1)
+            matches = sorted(p.parent.glob(p.name)) if not any(c in str(p.parent) for c in "*?[") else []
+            if len(matches) > 1:
+                raise ConfigError(
+                    f"fusion.stage1_ckpt={path} matches {len(matches)} files ({', '.join(m.name for m in matches)}); "
+                    "name one checkpoint, or a pattern that matches exactly one."
+                )
+            p = matches[0] if matches else p
         if not p.is_file():
             raise ConfigError(
                 f"fusion.stage1_ckpt={path} does not exist. Pass the .ckpt of an earlier fusion=dynmm run that trained stage I "
