@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from conftest import FAST, compose_cfg
+from hydra.errors import InstantiationException
 from pytorch_lightning.callbacks import EarlyStopping
 from torch import nn
 
@@ -459,3 +460,17 @@ def test_callback_names_and_is_a_no_op_for_other_fusions():
     assert DynMMCallback.dynmm_model(task) is None
     with pytest.raises(ConfigError, match="must be one of"):
         DynMMCallback(metrics={"val/loss": "lowest"})
+
+
+def test_config_nodes_with_targets_reach_dynmm_unbuilt(tmp_path):
+    """Through Hydra (configs/fusion/dynmm.yaml has _recursive_: false): an expert or gate given as a node with
+    _target_ is built by DynMM with the expert's encoders and the gate's width check, not by Hydra beforehand."""
+    base = ["experiment=dynmm_rosmap", "dataset.batch_size=16"]
+    node = "fusion.experts.uni.fusion={_target_: fusionbench.fusion.ConcatFusion, head_hidden: [8]}"
+    gate = "fusion.gate={_target_: fusionbench.fusion.dynmm.MLPGate, num_outputs: 3, hidden: [16]}"
+    _, task = build(compose_cfg([*base, node, gate], tmp_path / "a"))
+    model = task.model
+    assert type(model.experts["uni"]).__name__ == "ConcatFusion" and list(model.experts["uni"].encoders) == ["mrna"]
+    assert model.experts["uni"].head[0].out_features == 8 and model.gate.net[0].out_features == 16
+    with pytest.raises(InstantiationException, match=r"gate outputs 2 logits but there are 3 experts \['uni', 'late', 'deq'\]"):
+        build(compose_cfg([*base, gate.replace("num_outputs: 3", "num_outputs: 2")], tmp_path / "b"))

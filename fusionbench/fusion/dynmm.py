@@ -483,6 +483,10 @@ class DynMMFusion(nn.Module):
                 module = GATES[gate](num_outputs=n, modalities=self.modalities, **dict(gate_args))
             except TypeError as exc:
                 raise ConfigError(f"fusion.gate_args {dict(gate_args)} do not fit the {gate} gate: {exc}") from exc
+        elif isinstance(gate, nn.Module):  # built by the caller
+            if gate_args:
+                raise ConfigError("fusion.gate_args applies to the built-in gates; pass a built gate with its arguments set.")
+            module = gate
         else:
             node = _plain(gate)
             if not isinstance(node, Mapping) or "_target_" not in node:
