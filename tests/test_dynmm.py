@@ -183,6 +183,30 @@ def test_aux_loss_is_lambda_times_the_expected_cost_of_the_decisions(cost):
     assert out.info["dynmm/resource"].item() == pytest.approx(c[choice].mean().item(), rel=1e-6)
 
 
+
+@pytest.mark.parametrize(("lam", "expected"), [(0.0, "late"), (5.0, "uni")])
+def test_training_the_gate_trades_the_task_loss_against_the_cost(lam, expected):
+    """Targets are the late expert's own predictions (it is always right, the one-view expert often wrong) and the
+    one-view expert costs a tenth: without the resource loss the gate learns to send every sample to late fusion,
+    with a large λ to the cheap expert (experts fixed, the gate alone trained, deterministic softmax decisions)."""
+    m = model(cost={"uni": 0.1, "late": 1.0}, resource_weight=lam, gating="softmax").train()
+    x = batch(64)
+    with torch.no_grad():
+        m.gate(x)  # materialise the lazy layers
+        y = m.experts["late"](m.expert_inputs(x, "late")).logits.argmax(-1)
+    for p in m.experts.parameters():
+        p.requires_grad_(False)
+    m.experts.eval()
+    opt = torch.optim.Adam(m.gate.parameters(), lr=0.05)
+    for _ in range(150):
+        out = m(x)
+        loss = F.cross_entropy(out.logits, y) + out.aux_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    share = m.eval()(x).info[f"dynmm/share_{expected}"].item()
+    assert share >= 0.95, f"λ={lam}: share of {expected} {share:.2f}"
+
 def test_madds_are_measured_on_the_first_sample_and_kept_in_checkpoints():
     m = model()
     x = batch(8)
