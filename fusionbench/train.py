@@ -101,13 +101,36 @@ def build(cfg: DictConfig) -> tuple[FusionDataModule, FusionTask]:
     return dm, task
 
 
+def load_tested(task: FusionTask, test_ckpt: str | None) -> None:
+    """The tested checkpoint's weights; under ddp_spawn this process's module never saw them."""
+    if test_ckpt:
+        task.load_state_dict(torch.load(test_ckpt, map_location="cpu", weights_only=False)["state_dict"])
+
+
 def robustness_curves(grid: DictConfig, dm: FusionDataModule, task: FusionTask, test_ckpt: str | None) -> dict[str, Any]:
     """The test split under the `robustness` grid, with the weights that were tested."""
     from fusionbench.robustness import run_grid
 
-    if test_ckpt:  # the tested checkpoint; under ddp_spawn this process's module never saw it
-        task.load_state_dict(torch.load(test_ckpt, map_location="cpu", weights_only=False)["state_dict"])
+    load_tested(task, test_ckpt)
     return run_grid(task, dm, OmegaConf.to_container(grid, resolve=True))
+
+
+def dynmm_timing(spec: DictConfig | None, dm: FusionDataModule, task: FusionTask, test_ckpt: str | None) -> dict[str, Any] | None:
+    """A DynMM model's measured ms/sample, routed vs every expert (`fusionbench.dynmm_timing`); None for other
+    models or ``samples: 0``. Never raises: timing must not end a finished run."""
+    from fusionbench.dynmm_timing import find_dynmm, first_test_inputs, time_routing
+
+    model = find_dynmm(task)
+    if model is None or not spec or int(spec.get("samples", 0)) <= 0:
+        return None
+    try:
+        load_tested(task, test_ckpt)
+        device = next(task.parameters()).device
+        inputs = first_test_inputs(dm, int(spec.samples), device)
+        return time_routing(model, inputs, list(spec.get("batch_sizes", [1])), int(spec.get("repeats", 3)))
+    except Exception as exc:  # noqa: BLE001
+        log.warning("Could not time DynMM's routing (%s: %s); the record stores the error.", type(exc).__name__, exc)
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -139,9 +162,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     robustness = None
     if cfg.get("robustness") and trainer.is_global_zero:
         robustness = robustness_curves(cfg.robustness, dm, task, test_ckpt)
+    timing = dynmm_timing(cfg.get("dynmm_timing"), dm, task, test_ckpt) if cfg.test and trainer.is_global_zero else None
     result = runtime_info(cfg, dm, task, trainer, test_metrics, test_ckpt, wall_time_s=time.time() - start, git=git)
     if robustness is not None:
         result["robustness"] = robustness
+    if timing is not None:
+        result["dynmm_timing"] = timing
     if trainer.is_global_zero and not (cfg.trainer.get("fast_dev_run") and cfg.train):
         record.write(result)
     return result, {"datamodule": dm, "task": task, "trainer": trainer}

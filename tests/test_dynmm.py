@@ -422,7 +422,8 @@ def test_stage1_checkpoint_skips_stage_one_with_identical_experts(tmp_path):
 
 
 def test_a_trained_checkpoint_evaluates_in_stage_two_with_train_false(tmp_path):
-    common = ["dataset=synthetic", "fusion=dynmm", *FAST, "fusion.stage1_epochs=1", "fusion.gating=softmax"]
+    common = ["dataset=synthetic", "fusion=dynmm", *FAST, "fusion.stage1_epochs=1", "fusion.gating=softmax",
+              "dynmm_timing={samples: 40, batch_sizes: [1, 8], repeats: 1}"]
     fit_cfg = compose_cfg([*common, "trainer.max_epochs=2", CALLBACK, "callbacks.model_checkpoint.monitor=val/stage2_loss",
                            "callbacks.model_checkpoint.mode=min"], tmp_path / "fit")
     fitted, objs = train(fit_cfg)
@@ -433,6 +434,32 @@ def test_a_trained_checkpoint_evaluates_in_stage_two_with_train_false(tmp_path):
     assert evaluated["metrics"]["test/acc"] == pytest.approx(fitted["metrics"]["test/acc"])
     assert evaluated["metrics"]["test/loss"] == pytest.approx(fitted["metrics"]["test/loss"], rel=1e-5)
     assert evaluated["compute"]["madds"] > 0 and set(evaluated["compute"]["by_module"]) >= {"gate", "experts.uni", "experts.late"}
+    # the record times the tested model: routed vs every expert, on the first 40 test samples at batch 1 and 8
+    timing = evaluated["dynmm_timing"]
+    assert timing["samples"] == 40 and set(timing["ms_per_sample"]) == {"1", "8"}
+    assert set(timing["ms_per_sample"]["1"]) == {"routed", "every_expert", "gate", "expert_uni", "expert_late", "speedup"}
+    assert all(v > 0 for v in timing["ms_per_sample"]["8"].values())
+    assert timing["max_abs_diff"] < 1e-5 and sum(timing["shares"].values()) == pytest.approx(1.0)
+    assert fitted["dynmm_timing"]["shares"] == timing["shares"]  # same weights, same test samples
+    off, _ = train(compose_cfg([*common, "train=false", f"ckpt_path={best}", "dynmm_timing.samples=0"], tmp_path / "off"))
+    assert "dynmm_timing" not in off
+
+
+def test_time_routing_times_each_path_and_checks_routed_outputs():
+    """The routed pass equals the selected expert per sample; the shares are the gate's argmax shares."""
+    from fusionbench.dynmm_timing import time_routing
+
+    m = model().eval()
+    bias_gate(m)
+    x = batch(24)
+    with torch.no_grad():
+        choice = m.gate(x).argmax(-1)
+    out = time_routing(m, x, batch_sizes=[1, 24], repeats=1)
+    assert out["shares"]["uni"] == pytest.approx((choice == 0).float().mean().item())
+    assert 0 < out["shares"]["uni"] < 1 and out["max_abs_diff"] < 1e-6
+    ms = out["ms_per_sample"]["24"]
+    assert ms["speedup"] == pytest.approx(ms["every_expert"] / ms["routed"])
+    assert not m.training
 
 
 def test_stage_one_loss_is_the_sum_of_the_experts_task_losses():

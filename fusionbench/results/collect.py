@@ -32,6 +32,9 @@ def flatten(record: dict[str, Any]) -> dict[str, Any]:
     row["git_sha"] = (record.get("git") or {}).get("sha")
     row["madds"] = (record.get("compute") or {}).get("madds")  # multiply-adds per sample at batch 1 (fusionbench.compute)
     row["robustness"] = record.get("robustness")  # noise curves (robustness tables), or None
+    for batch, ms in ((record.get("dynmm_timing") or {}).get("ms_per_sample") or {}).items():  # fusionbench.dynmm_timing
+        for key, value in ms.items():
+            row[f"dynmm_timing/b{batch}/{key}"] = value
     for scope, curve in ((row["robustness"] or {}).get("curves") or {}).items():
         for metric, area in (curve.get("auc") or {}).items():  # raw AUCs as plain columns (curve tables)
             row[f"robustness/{scope}/{metric}_auc"] = area
