@@ -203,7 +203,7 @@ def test_every_experiment_smoke_runs(experiment, make_cfg, brca_fixture_dir, avm
     extra = []
     if "_brca_" in experiment:
         extra = [f"paths.data_dir={brca_fixture_dir}", "dataset.verify_checksums=false", "dataset.batch_size=32"]
-    if "_avmnist_" in experiment:
+    if "_avmnist" in experiment:
         extra = [f"paths.data_dir={avmnist_fixture_dir}", "dataset.num_train=60", "dataset.num_samples={train: 80, test: 20}"]
     if experiment.startswith("pro_t4_"):  # the real snapshot, short windows and a 2-point noise grid (a 500-step transformer is slow)
         extra = ["dataset.window=8", "dataset.num_train=64", "dataset.num_val=16", "robustness.levels=[0.0,0.5]"]
