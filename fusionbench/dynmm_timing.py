@@ -9,8 +9,10 @@ times (eval mode, no gradients, one CPU/GPU stream, median over ``repeats`` pass
   ensemble of the experts costs);
 - ``gate`` and each expert alone.
 
-Times are milliseconds per sample (a pass's time / samples). It also checks that the routed output of
-every sample equals its selected expert's output (``max_abs_diff``). `fusionbench.train` writes the
+Times are milliseconds per sample (a pass's time / samples). It also checks the model's output against
+the experts run separately (``max_abs_diff``): each sample's selected expert with hard decisions, the
+gate-weighted mixture with soft gating (``gating: soft``, where ``routed`` runs every expert and the
+shares are the mean soft weights). `fusionbench.train` writes the
 result to a DynMM run's record as ``dynmm_timing`` (config ``dynmm_timing: {samples, batch_sizes,
 repeats}``; ``samples: 0`` turns it off); ``scripts/bench_dynmm.py`` runs it on finished runs.
 """
@@ -73,17 +75,23 @@ def time_routing(model: DynMMFusion, inputs: Mapping[str, torch.Tensor], batch_s
         n = next(iter(inputs.values())).shape[0]
         names = list(model.expert_names)
         with torch.no_grad():
-            index = model.gate(inputs).argmax(dim=-1)
-            routed = model(inputs).logits
-            every = model._run_all(inputs)
-        chosen = torch.stack([every[name].logits for name in names], dim=1)[torch.arange(n, device=device), index]
+            gate_logits = model.gate(inputs)
+            output = model(inputs).logits
+            every = torch.stack([o.logits for o in model._run_all(inputs).values()], dim=1)  # (n, experts, ...)
+        if model.gating == "soft":  # every expert runs; the output is the mixture
+            g = torch.softmax(gate_logits / float(model.temperature), dim=-1)
+            expected = model._mix(g, list(every.unbind(dim=1)))
+        else:
+            g = torch.nn.functional.one_hot(gate_logits.argmax(dim=-1), len(names)).float()
+            expected = every[torch.arange(n, device=device), gate_logits.argmax(dim=-1)]
         out: dict[str, Any] = {
             "samples": n,
             "device": str(device),
             "threads": torch.get_num_threads(),
             "repeats": repeats,
-            "shares": {name: float((index == i).float().mean()) for i, name in enumerate(names)},
-            "max_abs_diff": float((routed - chosen).abs().max()),
+            "gating": model.gating,
+            "shares": {name: float(g[:, i].mean()) for i, name in enumerate(names)},
+            "max_abs_diff": float((output - expected).abs().max()),
             "ms_per_sample": {},
         }
         for b in batch_sizes:

@@ -56,7 +56,7 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         "over the samples in batches of the given size / samples, median of the repeats after a warm-up "
         "(`fusionbench.dynmm_timing`). routed = DynMM's inference (gate, then each sample's selected expert only); "
         "every expert = gate + all experts on every sample; the expert and gate columns run alone. Shares: fraction "
-        "of these samples routed to each expert.",
+        "of these samples routed to each expert (soft gating: the mean gate weights; its routed pass runs every expert).",
         "",
         "| " + " | ".join(head) + " |",
         "| " + " | ".join(["---"] + ["---:"] * (len(head) - 1)) + " |",
@@ -68,7 +68,8 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
                      f"{ms['gate']:.3f}", f"{ms['speedup']:.2f}x"]
             lines.append("| " + " | ".join(cells) + " |")
     worst = max(r["max_abs_diff"] for r in rows)
-    lines += ["", f"Routed outputs equal the selected expert's outputs on the same samples (max |difference| {worst:.1e})."]
+    lines += ["", f"Outputs equal the selected expert's outputs (soft gating: the gate-weighted mixture of every expert's outputs) "
+              f"on the same samples, max |difference| {worst:.1e}."]
     return "\n".join(lines) + "\n"
 
 

@@ -460,6 +460,12 @@ def test_time_routing_times_each_path_and_checks_routed_outputs():
     ms = out["ms_per_sample"]["24"]
     assert ms["speedup"] == pytest.approx(ms["every_expert"] / ms["routed"])
     assert not m.training
+    soft = model(gating="soft").eval()
+    bias_gate(soft)
+    with torch.no_grad():
+        weights = torch.softmax(soft.gate(x), dim=-1).mean(0)
+    out = time_routing(soft, x, batch_sizes=[24], repeats=1)  # the mixture, against the experts run separately
+    assert out["max_abs_diff"] < 1e-5 and out["shares"]["late"] == pytest.approx(weights[1].item(), rel=1e-5)
 
 
 def test_stage_one_loss_is_the_sum_of_the_experts_task_losses():
