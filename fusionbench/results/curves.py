@@ -20,6 +20,8 @@ from typing import Any
 
 import pandas as pd
 
+from fusionbench.results.plotting import save_figure
+
 DASH = "—"
 
 
@@ -141,10 +143,6 @@ def curve_figure(spec, rows: list[dict[str, Any]], out_dir: Path) -> Path:
     ax.set_xlabel(spec.x.get("label", "x"))
     ax.set_ylabel(f"% improvement ({metric.label})" if spec.improvement else metric.label)
     ax.set_title(spec.title, fontsize=8)
-    fig.tight_layout()
-    path = out_dir / f"{spec.name}.png"
-    fig.savefig(path, dpi=120, metadata={"Software": None})
-    plt.close(fig)
-    return path
+    return save_figure(fig, out_dir / f"{spec.name}.png")
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import pandas as pd
 
+from fusionbench.results.plotting import save_figure
+
 DASH = "—"
 
 
@@ -101,11 +103,7 @@ def convergence_figures(spec, rows: list[dict[str, Any]], out_dir: Path) -> list
     ax.set_title(spec.title, fontsize=8)
     if any(r["means"] for r in rows):
         ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    path = out_dir / f"{spec.name}.png"
-    fig.savefig(path, dpi=120, metadata={"Software": None})  # no version stamp: same runs, same bytes
-    plt.close(fig)
-    written.append(path)
+    written.append(save_figure(fig, out_dir / f"{spec.name}.png"))
     gated = [r for r in rows if r["gates"]]
     if gated:
         r = gated[0]
@@ -117,9 +115,5 @@ def convergence_figures(spec, rows: list[dict[str, Any]], out_dir: Path) -> list
         ax.set_ylabel("normalised |alpha|")
         ax.set_title(f"Gate shares per modality: {r['label']} (n={len(r['gates'])})", fontsize=8)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out_dir / f"{spec.name}_gates.png"
-        fig.savefig(path, dpi=120, metadata={"Software": None})
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, out_dir / f"{spec.name}_gates.png"))
     return written

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fusionbench.results.plotting import save_figure
 from fusionbench.robustness import auc, lower_is_better, relative_auc, scale_unit
 
 DASH = "—"
@@ -208,11 +209,7 @@ def robustness_figure(spec, rows: list[dict[str, Any]], grid: dict[str, Any] | N
         ax.set_xlabel("noise level")
         ax.set_ylabel(f"test {spec.robust_metric}")
     fig.suptitle(spec.title, fontsize=8)
-    fig.tight_layout()
-    path = out_dir / f"{spec.name}.png"
-    fig.savefig(path, dpi=120, metadata={"Software": None})
-    plt.close(fig)
-    return path
+    return save_figure(fig, out_dir / f"{spec.name}.png")
 
 
 __all__ = ["robustness_csv", "robustness_figure", "robustness_markdown", "robustness_rows"]

@@ -22,6 +22,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from fusionbench.results.plotting import save_figure
+
 KEYS = ("x", "x_fallback", "x_label", "x_scale", "y", "y_label", "y_scale", "shares", "linthresh")
 
 
@@ -109,11 +111,7 @@ def tradeoff_figure(spec, rows: list[dict[str, Any]], out_dir: Path) -> Path:
     bx.set_ylabel("share of test samples")
     bx.set_title("(b) expert share against λ", fontsize=8)
     fig.suptitle(spec.title, fontsize=8)
-    fig.tight_layout()
-    path = out_dir / f"{spec.name}.png"
-    fig.savefig(path, dpi=120, metadata={"Software": None})
-    plt.close(fig)
-    return path
+    return save_figure(fig, out_dir / f"{spec.name}.png")
 
 
 __all__ = ["check_tradeoff", "tradeoff_figure", "tradeoff_points"]
