@@ -107,24 +107,26 @@ def load_tested(task: FusionTask, test_ckpt: str | None) -> None:
         task.load_state_dict(torch.load(test_ckpt, map_location="cpu", weights_only=False)["state_dict"])
 
 
-def robustness_curves(grid: DictConfig, dm: FusionDataModule, task: FusionTask, test_ckpt: str | None) -> dict[str, Any]:
-    """The test split under the `robustness` grid, with the weights that were tested."""
+def robustness_curves(grid: DictConfig, dm: FusionDataModule, task: FusionTask) -> dict[str, Any]:
+    """The test split under the `robustness` grid (``task`` holds the tested weights)."""
     from fusionbench.robustness import run_grid
 
-    load_tested(task, test_ckpt)
     return run_grid(task, dm, OmegaConf.to_container(grid, resolve=True))
 
 
-def dynmm_timing(spec: DictConfig | None, dm: FusionDataModule, task: FusionTask, test_ckpt: str | None) -> dict[str, Any] | None:
-    """A DynMM model's measured ms/sample, routed vs every expert (`fusionbench.dynmm_timing`); None for other
-    models or ``samples: 0``. Never raises: timing must not end a finished run."""
+def wants_dynmm_timing(spec: DictConfig | None, task: FusionTask) -> bool:
+    from fusionbench.dynmm_timing import find_dynmm
+
+    return find_dynmm(task) is not None and bool(spec) and int(spec.get("samples", 0)) > 0
+
+
+def dynmm_timing(spec: DictConfig, dm: FusionDataModule, task: FusionTask) -> dict[str, Any]:
+    """A DynMM model's measured ms/sample, routed vs every expert (`fusionbench.dynmm_timing`; ``task`` holds
+    the tested weights). Never raises: timing must not end a finished run."""
     from fusionbench.dynmm_timing import find_dynmm, first_test_inputs, time_routing
 
     model = find_dynmm(task)
-    if model is None or not spec or int(spec.get("samples", 0)) <= 0:
-        return None
     try:
-        load_tested(task, test_ckpt)
         device = next(task.parameters()).device
         inputs = first_test_inputs(dm, int(spec.samples), device)
         return time_routing(model, inputs, list(spec.get("batch_sizes", [1])), int(spec.get("repeats", 3)))
@@ -159,10 +161,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         test_ckpt = ckpt_path
     test_metrics = trainer.test(task, datamodule=dm, ckpt_path=test_ckpt)[0] if cfg.test else {}
 
-    robustness = None
-    if cfg.get("robustness") and trainer.is_global_zero:
-        robustness = robustness_curves(cfg.robustness, dm, task, test_ckpt)
-    timing = dynmm_timing(cfg.get("dynmm_timing"), dm, task, test_ckpt) if cfg.test and trainer.is_global_zero else None
+    robustness = timing = None
+    want_robustness = bool(cfg.get("robustness")) and trainer.is_global_zero
+    want_timing = cfg.test and trainer.is_global_zero and wants_dynmm_timing(cfg.get("dynmm_timing"), task)
+    if want_robustness or want_timing:
+        load_tested(task, test_ckpt)
+    if want_robustness:
+        robustness = robustness_curves(cfg.robustness, dm, task)
+    if want_timing:
+        timing = dynmm_timing(cfg.dynmm_timing, dm, task)
     result = runtime_info(cfg, dm, task, trainer, test_metrics, test_ckpt, wall_time_s=time.time() - start, git=git)
     if robustness is not None:
         result["robustness"] = robustness

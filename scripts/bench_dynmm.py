@@ -29,15 +29,17 @@ def checkpoint(run: Path) -> Path:
 
 
 def bench(run: Path, args: argparse.Namespace) -> dict:
+    if not (run / ".hydra" / "config.yaml").is_file():
+        raise SystemExit(f"{run} is not a run folder (no .hydra/config.yaml); pass results/runs/<experiment>/seed=<n> of a DynMM run.")
     cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+    if "DynMM" not in str(cfg.get("fusion", {}).get("_target_", "")):
+        raise SystemExit(f"{run} is not a fusion=dynmm run (its fusion is {cfg.get('fusion', {}).get('_target_')}).")
     cfg.paths.output_dir = str(run)
     cfg.fusion.stage1_ckpt = None  # the run's own checkpoint holds the trained experts
     cfg.fusion.freeze_experts = False
     dm, task = build(cfg)
     task.load_state_dict(torch.load(checkpoint(run), map_location="cpu", weights_only=False)["state_dict"])
     model = find_dynmm(task)
-    if model is None:
-        raise SystemExit(f"{run} is not a fusion=dynmm run")
     dm.setup("test")
     out = time_routing(model, first_test_inputs(dm, args.samples), args.batch, args.repeats)
     print(run, out, flush=True)
