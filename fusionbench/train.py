@@ -175,6 +175,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         result["robustness"] = robustness
     if timing is not None:
         result["dynmm_timing"] = timing
+    for callback in callbacks:  # callbacks that contribute to the record (e.g. DEQ solver convergence)
+        if hasattr(callback, "record"):
+            result.update(callback.record())
     if trainer.is_global_zero and not (cfg.trainer.get("fast_dev_run") and cfg.train):
         record.write(result)
     return result, {"datamodule": dm, "task": task, "trainer": trainer}

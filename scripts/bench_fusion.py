@@ -1,21 +1,29 @@
-"""Training-step time and peak memory of late fusion, DEQ fusion (implicit) and weight-tied unrolled
-fusion at the shapes of the DEQ paper's benchmarks.
+"""Training-step time and peak memory of late fusion, DEQ fusion and weight-tied unrolled fusion at the
+shapes of the DEQ paper's benchmarks.
 
-    python scripts/bench_fusion.py                       # CPU, all shapes
-    python scripts/bench_fusion.py --device cuda --steps 20
-    python scripts/bench_fusion.py --shapes brca mosi --f-max-iter 105
+    python scripts/bench_fusion.py                       # CPU, all shapes, all methods
+    python scripts/bench_fusion.py --device cuda --steps 20 --out results/deq_bench_gpu.md
+    python scripts/bench_fusion.py --shapes brca mosi --f-max-iter 105 --methods late deq_fixed
 
 A step is forward + backward + optimiser update on random features (the fusion module and its head
-only: encoders are excluded, since they are the same for every method). It prints milliseconds per
-step (median over ``--steps`` after ``--warmup``), the ratio to late fusion, peak memory (CUDA: the
-allocator's peak; CPU: not measured), the solver's mean steps and final relative residual.
+only: encoders are excluded, since they are the same for every method). Methods: ``late`` (concatenation),
+``deq`` (the eager reference: torchdeq Anderson with early stopping, implicit gradient with its checked
+backward solve), ``deq_fixed`` (exactly ``--f-max-iter`` forward and ``--f-max-iter + 1`` backward Anderson
+steps with no host synchronisation inside the loops, implicit gradient), ``deq_phantom`` (fixed forward
+iterations, phantom gradient) and ``unrolled`` (``--unroll-steps`` weight-tied layers, backprop through all).
+It prints milliseconds per step (median over ``--steps`` after ``--warmup``), the ratio to late fusion,
+peak memory (CUDA: the allocator's peak; CPU: not measured), the solver's mean forward steps, the final
+relative residual and the share of backward solves that passed their check; ``--out`` also writes the
+table as markdown.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -31,14 +39,21 @@ SHAPES = {  # name: (modalities, width, batch)
 }
 
 
+METHODS = ("late", "deq", "deq_fixed", "deq_phantom", "unrolled")
+
+
 def build(method: str, n: int, d: int, classes: int, args) -> nn.Module:
     enc = nn.ModuleDict({f"m{i}": IdentityEncoder(d) for i in range(n)})
     if method == "late":
         return ConcatFusion(enc, classes)
     common = dict(f_max_iter=args.f_max_iter, b_max_iter=args.f_max_iter + 1, jac_weight=args.jac_weight, max_failures=10**9)
-    if method == "deq":
-        return DEQFusion(enc, classes, **common)
-    return DEQFusion(enc, classes, mode="unrolled", unroll_steps=args.unroll_steps, **common)
+    variants = {
+        "deq": {},
+        "deq_fixed": {"fixed_iterations": True},
+        "deq_phantom": {"fixed_iterations": True, "grad": "phantom"},
+        "unrolled": {"mode": "unrolled", "unroll_steps": args.unroll_steps},
+    }
+    return DEQFusion(enc, classes, **common, **variants[method])
 
 
 def sync(device: torch.device) -> None:
@@ -72,11 +87,13 @@ def bench(method: str, shape: str, args) -> dict:
             times.append(time.perf_counter() - t0)
             info = out.info
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+    backward = model.backward_stats.summary() if isinstance(model, DEQFusion) else {}
     return {
         "ms": 1000 * statistics.median(times),
         "peak_mib": peak,
         "nstep": float(info.get("deq/nstep", float("nan"))),
         "residual": float(info.get("deq/rel_residual", float("nan"))),
+        "b_converged": backward.get("converged", float("nan")),
     }
 
 
@@ -89,16 +106,30 @@ def main() -> None:
     p.add_argument("--f-max-iter", type=int, default=30)
     p.add_argument("--unroll-steps", type=int, default=30)
     p.add_argument("--jac-weight", type=float, default=0.0)
+    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--out", help="also write the table as markdown to this file")
     args = p.parse_args()
     logging.getLogger("fusionbench").setLevel(logging.ERROR)
-    print(f"device={args.device} f_max_iter={args.f_max_iter} unroll_steps={args.unroll_steps} jac_weight={args.jac_weight} threads={torch.get_num_threads()}")
-    print(f"{'shape':8} {'method':9} {'ms/step':>9} {'x late':>7} {'peak MiB':>9} {'steps':>6} {'rel res':>9}")
+    head = (f"device={args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}), f_max_iter={args.f_max_iter}, "
+            f"unroll_steps={args.unroll_steps}, jac_weight={args.jac_weight}, threads={torch.get_num_threads()}, torch {torch.__version__}")
+    cols = ["shape", "method", "ms/step", "x late", "peak MiB", "fwd steps", "rel residual", "bwd converged"]
+    print(head)
+    print(f"{cols[0]:8} {cols[1]:12} {cols[2]:>9} {cols[3]:>7} {cols[4]:>9} {cols[5]:>9} {cols[6]:>12} {cols[7]:>13}")
+    rows = []
     for shape in args.shapes:
         base = None
-        for method in ("late", "deq", "unrolled"):
+        for method in args.methods:
             r = bench(method, shape, args)
             base = base or r["ms"]
-            print(f"{shape:8} {method:9} {r['ms']:9.1f} {r['ms'] / base:7.1f} {r['peak_mib']:9.1f} {r['nstep']:6.1f} {r['residual']:9.2e}")
+            row = [shape, method, f"{r['ms']:.1f}", f"{r['ms'] / base:.1f}", f"{r['peak_mib']:.1f}", f"{r['nstep']:.1f}",
+                   f"{r['residual']:.2e}", f"{r['b_converged']:.2f}"]
+            rows.append(row)
+            print(f"{row[0]:8} {row[1]:12} {row[2]:>9} {row[3]:>7} {row[4]:>9} {row[5]:>9} {row[6]:>12} {row[7]:>13}")
+    if args.out:
+        lines = [f"Measured by `python scripts/bench_fusion.py {' '.join(sys.argv[1:])}`: {head}.", "",
+                 "| " + " | ".join(cols) + " |", "|" + "---|" * 2 + "---:|" * (len(cols) - 2)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        Path(args.out).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import itertools
-import logging
 
 import pytest
 import torch
@@ -50,8 +49,7 @@ def test_returned_state_is_a_fixed_point():
     fused, _, info = model.combine(x)
     assert float(info["deq/converged"]) == 1.0 and float(info["deq/rel_residual"]) <= 1e-5
     # applying the layer once more changes nothing
-    xs = torch.stack([x[m] for m in model.modalities], 1)
-    x_fuse = torch.einsum("bnd,n->bd", xs, model.inject_weights)
+    xs, x_fuse = model.inputs(x)
     state = torch.zeros(4, 4, WIDTH)
     for _ in range(300):  # plain iteration reaches the same equilibrium
         state = model.layer(state, xs, x_fuse)
@@ -104,17 +102,17 @@ def test_recursion_off_is_one_application_from_zero():
     model = DEQFusion(identity_encoders(3), num_outputs=2, recursion=False)
     x = inputs(3)
     fused, aux, info = model.combine(x)
-    xs = torch.stack([x[m] for m in model.modalities], 1)
-    once = model.layer(torch.zeros(4, 4, WIDTH), xs, torch.einsum("bnd,n->bd", xs, model.inject_weights))
+    xs, x_fuse = model.inputs(x)
+    once = model.layer(torch.zeros(4, 4, WIDTH), xs, x_fuse)
     assert torch.equal(fused, once[:, -1]) and aux is None and info == {}
     # from zero the gate multiplies a zero z_fuse: the fused state is GN(ReLU(b_fuse + x_fuse))
-    x_fuse = xs.sum(1)
+    x_fuse = xs.sum(1)  # w_i = 1 at initialisation
     expected = model.fuse_gn(torch.relu(model.fuse_lin.bias + x_fuse).unsqueeze(1)).squeeze(1)
     assert torch.allclose(fused, expected, atol=1e-6)
 
 
 def test_everything_off_is_the_weighted_sum():
-    model = DEQFusion(identity_encoders(), num_outputs=2, use_f_theta=False, use_f_fuse=False, recursion=False)
+    model = DEQFusion(identity_encoders(), num_outputs=2, use_f_theta=False, use_f_fuse=False, recursion=False, inject_norm=False)
     with torch.no_grad():
         model.inject_weights.copy_(torch.tensor([2.0, -1.0]))
     x = inputs()
@@ -182,18 +180,127 @@ def test_every_solver_converges_on_a_contraction(solver):
     assert float(info["deq/converged"]) == 1.0
 
 
-def test_non_convergence_is_logged_then_stops_training(caplog):
+def test_non_convergence_is_counted_then_stops_training():
     torch.manual_seed(0)
     model = DEQFusion(identity_encoders(3, 8), num_outputs=2, f_max_iter=3, failure_tol=1e-9, max_failures=3)
     x = inputs(3, width=8)
-    with caplog.at_level(logging.WARNING, logger="fusionbench.fusion.deq"):
-        model(x)
-        model(x)
-    assert "did not converge" in caplog.text and model.consecutive_failures == 2
+    for _ in range(2):
+        assert float(model(x).info["deq/f_failed"]) == 1.0  # every sample's solve failed
+    assert model.consecutive_failures == 2
+    summary = model.forward_stats["train"].summary()
+    assert (summary["solves"], summary["converged"], summary["fallback"]) == (8.0, 0.0, 1.0)  # 2 steps x 4 samples
     with pytest.raises(TrainingError, match="3 consecutive training steps.*fusion.f_max_iter.*jac_weight"):
         model(x)
     model.eval()
     model(x)  # evaluation never stops
+    assert model.forward_stats["eval"].summary()["converged"] == 0.0
+
+
+def test_injected_features_are_normalised_so_their_scale_does_not_matter():
+    torch.manual_seed(0)
+    model = contractive(DEQFusion(identity_encoders(), num_outputs=2, f_tol=1e-6, f_max_iter=100)).eval()
+    x = inputs()
+    xs, x_fuse = model.inputs(x)
+    groups = xs.reshape(4, 2, 4, WIDTH // 4)  # 4 GroupNorm groups per modality, affine at its initial identity
+    assert torch.allclose(groups.mean(-1), torch.zeros(4, 2, 4), atol=1e-5)
+    assert torch.allclose(groups.var(-1, unbiased=False), torch.ones(4, 2, 4), atol=1e-3)
+    assert torch.allclose(x_fuse, xs.sum(1))  # eq. 12 on the normalised features, w_i = 1
+    small = {m: 0.1 * v for m, v in x.items()}  # an encoder with 10x smaller outputs: the same equilibrium
+    assert torch.allclose(model.combine(small)[0], model.combine(x)[0], atol=1e-2)
+    public = DEQFusion(identity_encoders(), num_outputs=2, inject_norm=False)
+    assert public.inject_norm is None and torch.equal(public.inputs(x)[0], torch.stack([x["m0"], x["m1"]], 1))
+
+
+def test_encoder_dropout_overrides_the_backbone_rate():
+    encoders = lambda: nn.ModuleDict({m: MLPEncoder(6, hidden_dims=[8, WIDTH], dropout=0.3) for m in ("a", "b")})  # noqa: E731
+    rates = lambda model: {mod.p for mod in model.encoders.modules() if isinstance(mod, nn.Dropout)}  # noqa: E731
+    assert rates(DEQFusion(encoders(), num_outputs=2)) == {0.0}  # default: no dropout on the injection
+    assert rates(DEQFusion(encoders(), num_outputs=2, encoder_dropout=0.1)) == {0.1}
+    assert rates(DEQFusion(encoders(), num_outputs=2, encoder_dropout=None)) == {0.3}  # the backbone's
+    with pytest.raises(ConfigError, match="encoder_dropout"):
+        DEQFusion(encoders(), num_outputs=2, encoder_dropout=1.0)
+
+
+def _param_grads(model: DEQFusion, x) -> list[torch.Tensor]:
+    model.zero_grad()
+    out = model(x)
+    (out.logits.square().sum() + out.logits[:, 0].sum()).backward()
+    return [p.grad.clone() for p in (model.lin1.weight, model.gate.weight, model.fuse_lin.weight, model.inject_weights)]
+
+
+def test_backward_solves_are_checked_and_counted(float64):
+    torch.manual_seed(0)
+    model = contractive(DEQFusion(identity_encoders(), num_outputs=2, **tight()))
+    grads = _param_grads(model, inputs())
+    stats = model.backward_stats.summary()
+    assert stats["solves"] == 4 and stats["converged"] == 1.0 and stats["rel_residual"] < 1e-6
+    model.backward_stats.reset()
+    assert model.backward_stats.summary() == {}
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_failed_backward_solve_falls_back_to_the_phantom_gradient(float64):
+    torch.manual_seed(0)
+    base = contractive(DEQFusion(identity_encoders(), num_outputs=2, **tight()))
+    x = inputs()
+    # one adjoint step cannot reach a 1e-12 residual: every sample falls back ...
+    failing = DEQFusion(identity_encoders(), num_outputs=2, **{**tight(), "b_max_iter": 1}, b_failure_tol=1e-12,
+                        phantom_steps=7, phantom_tau=0.6)
+    failing.load_state_dict(base.state_dict())
+    fallback = _param_grads(failing, x)
+    assert failing.backward_stats.summary()["fallback"] == 1.0
+    # ... to exactly the phantom gradient (7 damped steps at the fixed point, differentiated)
+    phantom = DEQFusion(identity_encoders(), num_outputs=2, **tight(), grad="phantom", phantom_steps=7, phantom_tau=0.6)
+    phantom.load_state_dict(base.state_dict())
+    for a, b in zip(fallback, _param_grads(phantom, x)):
+        assert torch.allclose(a, b, atol=1e-8)
+    # and a passing check keeps the implicit gradient, which differs from the truncated one
+    assert not torch.allclose(_param_grads(base, x)[0], fallback[0], atol=1e-6)
+
+
+def test_phantom_series_is_the_damped_neumann_sum(float64):
+    from fusionbench.fusion.deq_solve import phantom_series
+
+    J = torch.randn(5, 5) * 0.3
+    grad = torch.randn(1, 5)
+    got = phantom_series(lambda v: v @ J, grad, steps=4, tau=0.5)
+    M = 0.5 * J + 0.5 * torch.eye(5)
+    expected = 0.5 * sum(grad @ torch.linalg.matrix_power(M, k) for k in range(4))
+    assert torch.allclose(got, expected)
+
+
+def test_fixed_iteration_anderson_matches_torchdeq_on_a_contraction(float64):
+    from torchdeq.solver import get_solver
+
+    from fusionbench.fusion.deq_solve import anderson_fixed
+
+    torch.manual_seed(0)
+    A = torch.randn(3, 10, 10) * 0.1
+    b = torch.randn(3, 10)
+    f = lambda z: torch.tanh(torch.einsum("bij,bj->bi", A, z) + b)  # noqa: E731
+    calls = []
+    z, abs_res, rel_res = anderson_fixed(lambda z: calls.append(1) or f(z), torch.zeros(3, 10), iters=40)
+    assert len(calls) == 40  # exactly iters evaluations: no early exit, no data-dependent branch
+    ref, _, _ = get_solver("anderson")(f, torch.zeros(3, 10), max_iter=200, tol=1e-12, stop_mode="abs")
+    assert torch.allclose(z, ref, atol=1e-9) and float(abs_res.max()) < 1e-6 and rel_res.shape == (3,)
+
+
+def test_fixed_iteration_path_gives_the_eager_fixed_point_and_gradients(float64):
+    torch.manual_seed(0)
+    eager = contractive(DEQFusion(identity_encoders(), num_outputs=2, **tight()))
+    fast = DEQFusion(identity_encoders(), num_outputs=2, **tight(), fixed_iterations=True)  # 200 steps each way
+    fast.load_state_dict(eager.state_dict())
+    x = inputs()
+    fused, _, info = fast.combine(x)
+    assert float(info["deq/nstep"]) == 200 and float(info["deq/abs_residual"]) < 1e-6
+    assert torch.allclose(fused, eager.combine(x)[0], atol=1e-10)  # the same Anderson iterates
+    for a, b in zip(_param_grads(fast, x), _param_grads(eager, x)):
+        assert torch.allclose(a, b, atol=1e-7)
+    assert fast.backward_stats.summary()["converged"] == 1.0
+    # a failing backward in the sync-free path falls back per sample through torch.where
+    fast.b_failure_tol = 1e-30
+    _param_grads(fast, x)
+    assert fast.backward_stats.summary()["fallback"] == pytest.approx(0.5)  # 4 of the 8 solves so far
 
 
 def test_misspelt_or_invalid_knobs_fail():

@@ -192,3 +192,20 @@ def test_tradeoff_block_is_checked(tmp_path):
     (tmp_path / "bad.yaml").write_text(TRADEOFF.replace("  y_scale: 100", "  y_scael: 100"))
     with pytest.raises(ValueError, match=r"tradeoff has unknown keys \['y_scael'\]"):
         TableSpec.load(tmp_path / "bad.yaml")
+
+
+def test_rows_tested_on_unconverged_deq_solves_or_early_checkpoints_are_flagged(tmp_path):
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables" / "demo.yaml").write_text(TABLE)
+    converged = {"deq_solver": {"test_forward": {"solves": 10, "converged": 1.0, "rel_residual": 1e-4}}}
+    write_run(tmp_path, "demo_base", 0, 0.8, **converged, best_val={"epoch": 40}, epochs_trained=90)
+    write_run(tmp_path, "demo_base", 1, 0.8, deq_solver={"test_forward": {"solves": 10, "converged": 0.7}},
+              best_val={"epoch": 2}, epochs_trained=60)  # unconverged at test, and selected at epoch 2 of 60
+    write_run(tmp_path, "demo_method", 0, 0.6, metrics={"test/acc": 0.6, "test/deq/rel_residual": 0.25})  # old record
+    write_run(tmp_path, "demo_method", 1, 0.6, best_val={"epoch": 2}, epochs_trained=3)  # short run: not flagged
+    md = build_tables(tmp_path / "tables", tmp_path / "out", tmp_path)["demo"]
+    lines = md.splitlines()
+    assert "| Base † | 2/3 | 80.0 ± 0.0 | 80.0 |" in lines  # flagged, still averaged in, never dropped
+    assert "| Method † | 2/3 | 60.0 ± 0.0 | — |" in lines
+    assert "Tested on unconverged DEQ solves" in md and "Base: seeds 1; Method: seeds 0." in md
+    assert "Checkpoints selected before epoch 10 of runs that trained 3x longer: Base: seeds 1." in md

@@ -258,3 +258,43 @@ def test_dynmm_row_starts_from_the_expert_rows_checkpoints(make_cfg, mmimdb_fixt
         assert all(torch.equal(loaded[k], static[k]) for k in loaded)
     result, _ = train(cfg)
     assert result["metrics"]["test/dynmm/share_uni"] + result["metrics"]["test/dynmm/share_late"] == pytest.approx(1.0)
+
+
+def test_last_checkpoint_is_the_latest_epoch_and_a_resumed_run_matches_an_uninterrupted_one(make_cfg):
+    import torch
+
+    common = ["dataset=synthetic", "fusion=deq", "seed=5", *FAST, "callbacks.early_stopping.patience=100"]
+    whole, _ = train(make_cfg([*common, "trainer.max_epochs=4"], sub="whole"))
+    cfg = make_cfg([*common, "trainer.max_epochs=2"], sub="split")
+    train(cfg)
+    last = os.path.join(cfg.paths.output_dir, "checkpoints", "last.ckpt")
+    state = torch.load(last, map_location="cpu", weights_only=True)  # RNG states stored as plain tensors
+    assert state["epoch"] == 1 and "fusionbench_rng" in state  # the latest epoch, whatever the best one was
+    os.remove(os.path.join(cfg.paths.output_dir, "metrics.json"))  # killed after epoch 2
+    cfg.trainer.max_epochs = 4
+    resumed, _ = train(cfg)
+    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 3
+    assert resumed["metrics"] == whole["metrics"]  # nothing lost, nothing counted twice
+    assert resumed["best_val"] == whole["best_val"] and resumed["global_steps"] == whole["global_steps"]
+
+
+def test_deq_run_records_solver_convergence_per_epoch(make_cfg, caplog):
+    import logging
+
+    cfg = make_cfg(["dataset=synthetic", "fusion=deq", *FAST, "trainer.max_epochs=3", "fusion.eval_f_max_iter=2",
+                    "fusion.failure_tol=1e-9", "fusion.max_failures=1000000"])
+    with caplog.at_level(logging.WARNING, logger="fusionbench"):
+        record, _ = train(cfg)
+    solver = record["deq_solver"]
+    assert [e["epoch"] for e in solver["epochs"]] == [0, 1, 2]
+    assert all(e["train_f_converged"] == 0.0 and 0 <= e["train_b_converged"] <= 1 for e in solver["epochs"])
+    assert solver["test_forward"]["converged"] == 0.0 and solver["test_forward"]["solves"] == 64
+    assert record["metrics"]["test/deq/f_converged"] == 0.0
+    assert "validation samples' forward solves converged" in caplog.text and "test samples' forward solves" in caplog.text
+    # one training and one validation warning for the three epochs (warn_every=25), not one per batch or epoch
+    assert caplog.text.count("of forward solves converged;") == 1 and caplog.text.count("validation samples") == 1
+
+
+def test_deq_record_entry_is_absent_for_other_fusions(make_cfg):
+    record, _ = train(make_cfg(["dataset=synthetic", "fusion=concat", *FAST]))
+    assert "deq_solver" not in record

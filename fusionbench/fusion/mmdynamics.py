@@ -27,6 +27,7 @@ from torch import nn
 from fusionbench.encoders.identity import IdentityEncoder
 from fusionbench.errors import ConfigError
 from fusionbench.fusion.base import EncoderFusion, FusionOutput, FusionStep, as_module_dict
+from fusionbench.fusion.deq import set_dropout
 
 
 def _xavier(module: nn.Module) -> None:
@@ -66,6 +67,8 @@ class MMDynamics(nn.Module):
         self.tcp_confidence = nn.ModuleDict({m: nn.Linear(hidden[m], 1) for m in self.modalities})
         _xavier(self)
         self.fusion = fusion(encoders=nn.ModuleDict({m: IdentityEncoder(hidden[m]) for m in self.modalities}), num_outputs=num_outputs)
+        # a fusion that sets the dropout of the encoders feeding it (DEQ fusion's encoder_dropout) means these view encoders
+        set_dropout(self.encoders, getattr(self.fusion, "encoder_dropout", None))
         _xavier(self.fusion.head)
 
     def features(

@@ -32,6 +32,7 @@ def flatten(record: dict[str, Any]) -> dict[str, Any]:
     row["git_sha"] = (record.get("git") or {}).get("sha")
     row["madds"] = (record.get("compute") or {}).get("madds")  # multiply-adds per sample at batch 1 (fusionbench.compute)
     row["robustness"] = record.get("robustness")  # noise curves (robustness tables), or None
+    row["deq_test_converged"] = deq_test_converged(record)
     for batch, ms in ((record.get("dynmm_timing") or {}).get("ms_per_sample") or {}).items():  # fusionbench.dynmm_timing
         for key, value in ms.items():
             row[f"dynmm_timing/b{batch}/{key}"] = value
@@ -39,6 +40,21 @@ def flatten(record: dict[str, Any]) -> dict[str, Any]:
         for metric, area in (curve.get("auc") or {}).items():  # raw AUCs as plain columns (curve tables)
             row[f"robustness/{scope}/{metric}_auc"] = area
     return row
+
+
+def deq_test_converged(record: dict[str, Any]) -> float | None:
+    """Share of test samples whose DEQ forward solve converged (None: no DEQ fusion in the run).
+
+    From the ``deq_solver`` entry of `fusionbench.callbacks.DEQMonitor`; records older than it have only the
+    mean test residual, and count as converged when it is within the default failure tolerance 0.1."""
+    solver = (record.get("deq_solver") or {}).get("test_forward") or {}
+    if "converged" in solver:
+        return float(solver["converged"])
+    metrics = record.get("metrics") or {}
+    if "test/deq/f_failed" in metrics:
+        return 1.0 - float(metrics["test/deq/f_failed"])
+    residual = metrics.get("test/deq/rel_residual", metrics.get("test/deq/abs_residual"))
+    return None if residual is None else float(residual <= 0.1)
 
 
 def collect_runs(roots: Iterable[str | Path]) -> pd.DataFrame:

@@ -116,8 +116,13 @@ def aggregate(spec: TableSpec, runs: pd.DataFrame) -> list[dict[str, Any]]:
     out = []
     for row in spec.rows:
         sel = runs[runs["experiment_name"] == row["experiment"]] if len(runs) else runs
+        if len(sel):  # seeds 0..seeds-1: a row shared with a table of more seeds averages the same runs as its own table
+            sel = sel[pd.to_numeric(sel["seed"], errors="coerce") < spec.seeds]
         entry: dict[str, Any] = {"label": row["label"], "experiment": row["experiment"], "n": len(sel), "reported": row.get("reported") or {},
                                  "command": row.get("command") or spec.command}
+        converged = pd.to_numeric(sel["deq_test_converged"], errors="coerce") if "deq_test_converged" in sel else pd.Series(dtype=float)
+        entry["unconverged"] = sorted(int(s) for s in sel.loc[converged[converged < 1].index, "seed"]) if len(converged) else []
+        entry["early"] = early_selections(sel)
         for m in spec.metrics:
             values = pd.to_numeric(sel[m.key], errors="coerce").dropna() if m.key in sel else pd.Series(dtype=float)
             entry[m.key] = (
@@ -126,6 +131,19 @@ def aggregate(spec: TableSpec, runs: pd.DataFrame) -> list[dict[str, Any]]:
             )
         out.append(entry)
     return out
+
+
+EARLY_EPOCHS = 10  # a checkpoint selected before this epoch is named under the table (a cut-off slow start?)
+UNCONVERGED = " †"
+
+
+def early_selections(sel: pd.DataFrame) -> list[int]:
+    """Seeds whose tested checkpoint is from before epoch EARLY_EPOCHS of a run that trained at least 3x longer."""
+    if not len(sel) or "best_epoch" not in sel or "epochs_trained" not in sel:
+        return []
+    best = pd.to_numeric(sel["best_epoch"], errors="coerce")
+    trained = pd.to_numeric(sel["epochs_trained"], errors="coerce")
+    return sorted(int(s) for s in sel.loc[(best < EARLY_EPOCHS) & (trained >= 3 * EARLY_EPOCHS), "seed"])
 
 
 def _cell(m: Metric, mean: float | None, std: float | None) -> str:
@@ -140,7 +158,8 @@ def table_cells(spec: TableSpec, rows: list[dict[str, Any]]) -> tuple[list[str],
         header += [f"{m.label} (reported)" for m in spec.metrics]
     body = []
     for r in rows:
-        cells = [r["label"], f"{r['n']}/{spec.seeds}"] + [_cell(m, *r[m.key]) for m in spec.metrics]
+        label = r["label"] + (UNCONVERGED if r.get("unconverged") else "")
+        cells = [label, f"{r['n']}/{spec.seeds}"] + [_cell(m, *r[m.key]) for m in spec.metrics]
         if spec.has_reported:
             cells += [m.fmt(r["reported"].get(m.key)) if m.key in r["reported"] else DASH for m in spec.metrics]
         body.append(cells)
@@ -156,6 +175,19 @@ def notes(spec: TableSpec, rows: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"Figure `results/{spec.name}.png`: (a) {t.get('y_label', t['y'])} against {t.get('x_label', t['x'])} "
             "(rows with a λ as one line, other rows as single points); (b) each expert's share of the test samples against λ."
+        )
+    flagged = [r for r in rows if r.get("unconverged")]
+    if flagged:
+        lines.append(
+            f"{UNCONVERGED.strip()} Tested on unconverged DEQ solves (forward residual above the failure tolerance on "
+            "some test samples), averaged in as they are: "
+            + "; ".join(f"{r['label']}: seeds {', '.join(map(str, r['unconverged']))}" for r in flagged) + "."
+        )
+    early = [r for r in rows if r.get("early")]
+    if early:
+        lines.append(
+            f"Checkpoints selected before epoch {EARLY_EPOCHS} of runs that trained 3x longer: "
+            + "; ".join(f"{r['label']}: seeds {', '.join(map(str, r['early']))}" for r in early) + "."
         )
     missing = [r for r in rows if r["n"] < spec.seeds]
     if missing:
