@@ -69,7 +69,7 @@ class ImplicitGrad(autograd.Function):
     """Identity in the forward pass; in the backward pass replaces dL/dz by the checked adjoint solution."""
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, func: Func, solve: Callable, opts: dict) -> torch.Tensor:  # noqa: D401
+    def forward(ctx, z: torch.Tensor, func: Func, solve: Callable, opts: dict) -> torch.Tensor:
         ctx.func, ctx.solve, ctx.opts = func, solve, opts
         ctx.save_for_backward(z.detach())
         return z.view_as(z)
@@ -91,7 +91,7 @@ class ImplicitGrad(autograd.Function):
             residual = (residual.square().mean().sqrt()).expand_as(residual)
         failed = ~(torch.isfinite(residual) & (residual <= opts["fail_tol"]))
         failed = failed | ~torch.isfinite(per_sample_norm(g))
-        # sync-free: always compute the fallback and select per sample; else one host sync decides whether to
+        # sync-free: compute the fallback always and pick it per sample; otherwise one host sync skips it when no sample failed
         if opts["sync_free"] or bool(failed.any()):
             fallback = phantom_series(vjp, grad, opts["steps"], opts["tau"])
             g = torch.where(failed.view(-1, *[1] * (g.dim() - 1)), fallback, g)
