@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv with the package and all dependencies
 
-train: $(STAMP) ## run the default job (late fusion on ROSMAP)
+train: $(STAMP) ## run the default job (DEQ fusion on ROSMAP)
 	$(PY) train.py $(ARGS)
 
 test: $(STAMP) ## fast test suite (what CI runs)
