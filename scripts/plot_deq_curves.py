@@ -47,7 +47,11 @@ def main() -> None:
 
     curves = {}
     for item in args.runs:
-        label, path = item.split("=", 1)
+        label, sep, path = item.partition("=")
+        if not sep or not label:
+            p.error(f"{item!r} is not LABEL=PATH (e.g. after_seed1=logs/runs/X/csv/metrics.csv)")
+        if not Path(path).is_file():
+            p.error(f"{path} does not exist: give a Lightning CSV log (a run with logger=csv) or a compact CSV from --keep")
         curves[label] = per_epoch(Path(path))
         if args.keep:
             Path(args.keep).mkdir(parents=True, exist_ok=True)
