@@ -9,8 +9,9 @@ A step is forward + backward + optimiser update on random features (the fusion m
 only: encoders are excluded, since they are the same for every method). Methods: ``late`` (concatenation),
 ``deq`` (the eager reference: torchdeq Anderson with early stopping, implicit gradient with its checked
 backward solve), ``deq_fixed`` (exactly ``--f-max-iter`` forward and ``--f-max-iter + 1`` backward Anderson
-steps with no host synchronisation inside the loops, implicit gradient), ``deq_phantom`` (fixed forward
-iterations, phantom gradient) and ``unrolled`` (``--unroll-steps`` weight-tied layers, backprop through all).
+steps with no host synchronisation inside the loops, implicit gradient), ``deq_graph`` (the same solves
+replayed from CUDA graphs; CUDA only), ``deq_phantom`` (fixed forward iterations, phantom gradient),
+``deq_phantom_graph`` (its forward solve from a CUDA graph; CUDA only) and ``unrolled`` (``--unroll-steps`` weight-tied layers, backprop through all).
 It prints milliseconds per step (median over ``--steps`` after ``--warmup``), the ratio to late fusion,
 peak memory (CUDA: the allocator's peak; CPU: not measured), the solver's mean forward steps, the final
 relative residual and the share of backward solves that passed their check; ``--out`` also writes the
@@ -23,6 +24,7 @@ import logging
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -39,7 +41,8 @@ SHAPES = {  # name: (modalities, width, batch)
 }
 
 
-METHODS = ("late", "deq", "deq_fixed", "deq_phantom", "unrolled")
+METHODS = ("late", "deq", "deq_fixed", "deq_graph", "deq_phantom", "deq_phantom_graph", "unrolled")
+CUDA_ONLY = ("deq_graph", "deq_phantom_graph")
 
 
 def build(method: str, n: int, d: int, classes: int, args) -> nn.Module:
@@ -50,7 +53,9 @@ def build(method: str, n: int, d: int, classes: int, args) -> nn.Module:
     variants = {
         "deq": {},
         "deq_fixed": {"fixed_iterations": True},
+        "deq_graph": {"fixed_iterations": True, "cuda_graph": True},
         "deq_phantom": {"fixed_iterations": True, "grad": "phantom"},
+        "deq_phantom_graph": {"fixed_iterations": True, "grad": "phantom", "cuda_graph": True},
         "unrolled": {"mode": "unrolled", "unroll_steps": args.unroll_steps},
     }
     return DEQFusion(enc, classes, **common, **variants[method])
@@ -119,7 +124,15 @@ def main() -> None:
     for shape in args.shapes:
         base = None
         for method in args.methods:
-            r = bench(method, shape, args)
+            if method in CUDA_ONLY and not args.device.startswith("cuda"):
+                continue
+            try:
+                r = bench(method, shape, args)
+            except Exception as e:  # one failing method (say, a CUDA graph that cannot be captured) must not lose the table
+                traceback.print_exc()
+                rows.append([shape, method, f"failed: {type(e).__name__}"] + [""] * (len(cols) - 3))
+                print(f"{shape:8} {method:12} failed: {e!r}"[:300])
+                continue
             base = base or r["ms"]
             row = [shape, method, f"{r['ms']:.1f}", f"{r['ms'] / base:.1f}", f"{r['peak_mib']:.1f}", f"{r['nstep']:.1f}",
                    f"{r['residual']:.2e}", f"{r['b_converged']:.2f}"]

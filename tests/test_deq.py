@@ -18,8 +18,8 @@ def identity_encoders(n: int = 2, width: int = WIDTH) -> nn.ModuleDict:
     return nn.ModuleDict({f"m{i}": IdentityEncoder(width) for i in range(n)})
 
 
-def inputs(n: int = 2, batch: int = 4, width: int = WIDTH, dtype=torch.float32, grad=False) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(7)
+def inputs(n: int = 2, batch: int = 4, width: int = WIDTH, dtype=None, grad=False) -> dict[str, torch.Tensor]:
+    g, dtype = torch.Generator().manual_seed(7), dtype or torch.get_default_dtype()
     return {f"m{i}": torch.randn(batch, width, generator=g, dtype=dtype).requires_grad_(grad) for i in range(n)}
 
 
@@ -301,6 +301,33 @@ def test_fixed_iteration_path_gives_the_eager_fixed_point_and_gradients(float64)
     fast.b_failure_tol = 1e-30
     _param_grads(fast, x)
     assert fast.backward_stats.summary()["fallback"] == pytest.approx(0.5)  # 4 of the 8 solves so far
+
+
+def test_small_solve_matches_lapack_on_spd_systems(float64):
+    from fusionbench.fusion.deq_solve import small_solve
+
+    torch.manual_seed(0)
+    for n in (1, 2, 6):
+        G = torch.randn(5, n, 30)
+        A = G @ G.transpose(1, 2) + 1e-4 * torch.eye(n)
+        b = torch.randn(5, n)
+        assert torch.allclose(small_solve(A, b), torch.linalg.solve(A, b), atol=1e-8)
+
+
+def test_cuda_graph_option_needs_fixed_iterations_and_falls_back_on_cpu(float64):
+    with pytest.raises(ConfigError, match="cuda_graph=true needs fusion.fixed_iterations=true"):
+        DEQFusion(identity_encoders(), num_outputs=2, cuda_graph=True)
+    torch.manual_seed(0)
+    fixed = contractive(DEQFusion(identity_encoders(), num_outputs=2, fixed_iterations=True, f_max_iter=20, b_max_iter=21))
+    graphed = DEQFusion(identity_encoders(), num_outputs=2, fixed_iterations=True, cuda_graph=True, f_max_iter=20, b_max_iter=21)
+    graphed.load_state_dict(fixed.state_dict())
+    x = inputs()
+    for a, b in zip(_param_grads(graphed, x), _param_grads(fixed, x)):  # CPU tensors: the eager fixed path, exactly
+        assert torch.equal(a, b)
+    import copy
+    import pickle
+
+    assert isinstance(pickle.loads(pickle.dumps(graphed)), DEQFusion) and copy.deepcopy(graphed)._graphs is None
 
 
 def test_misspelt_or_invalid_knobs_fail():

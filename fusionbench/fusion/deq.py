@@ -39,8 +39,9 @@ Gradients: ``grad="ift"`` solves the adjoint system with ``b_solver`` and checks
 whose backward solve fails (residual above ``b_failure_tol`` x ||dL/dz*||, or not finite) gets the phantom
 gradient instead, and the share is counted (`fusionbench.fusion.deq_solve`, logged by
 `fusionbench.callbacks.DEQMonitor`). ``fixed_iterations=True`` runs exactly ``f_max_iter`` / ``b_max_iter``
-Anderson steps with no host synchronisation inside the loops (the GPU fast path; convergence is checked
-once, after the solve).
+Anderson steps with no host synchronisation inside the loops (convergence is checked once, after the
+solve); ``cuda_graph=True`` then replays both solves from CUDA graphs on a GPU (`fusionbench.fusion.deq_graph`),
+the fast path measured by ``scripts/bench_fusion.py``.
 
 Ablations of Tables 5-7 (paper §3.2): ``use_f_theta=False`` sets z_i = x_i; ``use_f_fuse=False`` sets
 z_fuse = sum_i w_i z_i (no purify-then-combine, so no gate); ``recursion=False`` applies every
@@ -59,12 +60,14 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torchdeq.loss import jac_reg
 from torchdeq.solver import get_solver, register_solver
 
 from fusionbench.errors import ConfigError, TrainingError
 from fusionbench.fusion.base import EncoderFusion, require_equal_dims
-from fusionbench.fusion.deq_solve import SolveStats, anderson_fixed, implicit, phantom
+from fusionbench.fusion.deq_graph import SolveGraphs
+from fusionbench.fusion.deq_solve import ImplicitGrad, SolveStats, anderson_fixed, implicit, phantom
 
 SOLVERS = ("anderson", "broyden", "fixed_point_iter")
 
@@ -104,12 +107,10 @@ class BatchedGroupNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(slots, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # N slots of `groups` groups each are N * groups consecutive groups of (B, N * d): one fused kernel
         b, n, d = x.shape
-        g = x.reshape(b, n, self.groups, d // self.groups)
-        mean = g.mean(-1, keepdim=True)
-        var = g.var(-1, unbiased=False, keepdim=True)
-        g = (g - mean) * torch.rsqrt(var + self.eps)
-        return g.reshape(b, n, d) * self.weight + self.bias
+        out = F.group_norm(x.reshape(b, n * d), n * self.groups, self.weight.reshape(-1), self.bias.reshape(-1), self.eps)
+        return out.reshape(b, n, d)
 
 
 class BatchedLinear(nn.Module):
@@ -156,6 +157,8 @@ class DEQFusion(EncoderFusion):
         inject_norm: GroupNorm on the injected features (module docstring).
         encoder_dropout: dropout rate forced on the encoders (``None``: the backbone's; module docstring).
         fixed_iterations: fixed-iteration, synchronisation-free Anderson solves (module docstring).
+        cuda_graph: replay the fixed-iteration solves from CUDA graphs on a GPU (`fusionbench.fusion.deq_graph`);
+            needs ``fixed_iterations``; CUDA tensors only (CPU tensors take the eager fixed-iteration path).
     """
 
     def __init__(
@@ -194,6 +197,7 @@ class DEQFusion(EncoderFusion):
         inject_norm: bool = True,
         encoder_dropout: float | None = 0.0,
         fixed_iterations: bool = False,
+        cuda_graph: bool = False,
         head_hidden=(),
         head_dropout: float = 0.0,
     ) -> None:
@@ -242,8 +246,12 @@ class DEQFusion(EncoderFusion):
         set_dropout(self.encoders, encoder_dropout)
         if b_failure_tol <= 0:
             raise ConfigError(f"fusion.b_failure_tol must be > 0, got {b_failure_tol}.")
+        if cuda_graph and not fixed_iterations:
+            raise ConfigError("fusion.cuda_graph=true needs fusion.fixed_iterations=true: only fixed-iteration solves have the "
+                              "static shapes a CUDA graph can replay.")
         suffix = "_global" if residual_norm == "batch" else ""
-        self.grad, self.fixed_iterations = grad, fixed_iterations
+        self.grad, self.fixed_iterations, self.cuda_graph = grad, fixed_iterations, cuda_graph
+        self._graphs: SolveGraphs | None = None  # captured lazily on the first CUDA solve
         self.f_solver, self.b_solver = f_solver + suffix, b_solver + suffix
         self.f_max_iter, self.b_max_iter, self.eval_f_max_iter = f_max_iter, b_max_iter, eval_f_max_iter or f_max_iter
         self.b_tol, self.b_stop_mode = b_tol, b_stop_mode
@@ -311,7 +319,7 @@ class DEQFusion(EncoderFusion):
             # f does not read its state (z_i = x_i, and z_fuse is not fed back): one application is exact
             state = func(state0)
         else:
-            state, stats = self.solve(func, state0)
+            state, stats = self.solve(func, state0, x, x_fuse)
             info.update(self._solver_info(stats))
             if self.training and self.jac_weight > 0 and random.random() < self.jac_freq:
                 z_star = state.detach().requires_grad_()
@@ -319,13 +327,17 @@ class DEQFusion(EncoderFusion):
                 info["deq/jac_loss"] = aux.detach() / self.jac_weight
         return state[:, -1], aux, info
 
-    def solve(self, func, state0: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The fixed point of ``func`` from ``state0`` and the forward solver's statistics, with the
-        configured gradient attached when training (`fusionbench.fusion.deq_solve`)."""
+    def solve(self, func, state0: torch.Tensor, x: torch.Tensor, x_fuse: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The fixed point of ``func`` (the layer on x, x_fuse) from ``state0`` and the forward solver's statistics,
+        with the configured gradient attached when training (`fusionbench.fusion.deq_solve`)."""
         training = self.training and torch.is_grad_enabled()
         max_iter = self.f_max_iter if self.training else self.eval_f_max_iter
+        graphs = self._solve_graphs() if self.cuda_graph and state0.is_cuda else None
         with torch.no_grad():
-            if self.fixed_iterations:
+            if graphs is not None:
+                z, abs_res, rel_res = graphs.forward(x, x_fuse, self._drop_mask, tuple(state0.shape), max_iter)
+                stats = {"nstep": torch.full_like(abs_res, max_iter), "abs_lowest": abs_res, "rel_lowest": rel_res}
+            elif self.fixed_iterations:
                 z, abs_res, rel_res = anderson_fixed(func, state0, max_iter)
                 stats = {"nstep": torch.full_like(abs_res, max_iter), "abs_lowest": abs_res, "rel_lowest": rel_res}
             else:
@@ -335,14 +347,35 @@ class DEQFusion(EncoderFusion):
         z = z.detach()
         if self.grad == "phantom":
             return phantom(z, func, self.phantom_steps, self.phantom_tau), stats
+        opts = dict(fail_tol=self.b_failure_tol, steps=self.phantom_steps, tau=self.phantom_tau, batch_global=self.global_residual)
+        if graphs is not None:
+            solve_adjoint = graphs.backward(x, x_fuse, self._drop_mask, z, self.b_max_iter, **opts)
+            return ImplicitGrad.apply(func(z), solve_adjoint, self.backward_stats), stats
         if self.fixed_iterations:
             b_solve = lambda g_f, g0: anderson_fixed(g_f, g0, self.b_max_iter)[0]  # noqa: E731
         else:
             solver = get_solver(self.b_solver)
             b_solve = lambda g_f, g0: solver(g_f, g0, max_iter=self.b_max_iter, tol=self.b_tol, stop_mode=self.b_stop_mode)[0]  # noqa: E731
-        opts = dict(fail_tol=self.b_failure_tol, steps=self.phantom_steps, tau=self.phantom_tau, stats=self.backward_stats,
-                    sync_free=self.fixed_iterations, batch_global=self.global_residual)
-        return implicit(func(z), func, b_solve, **opts), stats
+        return implicit(func(z), func, b_solve, self.backward_stats, sync_free=self.fixed_iterations, **opts), stats
+
+    def _solve_graphs(self) -> SolveGraphs:
+        if self._graphs is None:
+            self._graphs = SolveGraphs(self.layer, self._swap_mask)
+        return self._graphs
+
+    def _swap_mask(self, mask: torch.Tensor | None) -> torch.Tensor | None:
+        previous, self._drop_mask = self._drop_mask, mask
+        return previous
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to()/.half()/.cuda() may give the parameters new storage: captured graphs would read the old one
+        self._graphs = None
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_graphs"] = None  # CUDA graphs are neither picklable nor copyable; recaptured on first use
+        return state
 
     @torch.no_grad()
     def trace(self, embeddings: Mapping[str, torch.Tensor], steps: int = 100) -> dict[str, list[float]]:
