@@ -1,4 +1,5 @@
 """Entry point: `python train.py [overrides]` (see README)."""
+
 from fusionbench.train import main
 
 if __name__ == "__main__":

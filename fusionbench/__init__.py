@@ -1,4 +1,5 @@
 """fusionbench: config-driven multimodal fusion experiments."""
+
 from pathlib import Path
 
 __version__ = "0.1.0"

@@ -48,6 +48,7 @@ outside the attention kernels, normalisation (Batch/Layer/GroupNorm), pooling, d
 lookups, reductions, indexing/concatenation, and any other custom op without a formula (it adds zero,
 silently; ``by_op`` lists what was counted).
 """
+
 from __future__ import annotations
 
 import logging
@@ -103,7 +104,9 @@ def _expanded(shape, expand) -> list[int]:
 
 def _trilinear_flop(i1, i2, i3, expand1, expand2, expand3, sumdim, *args, out_shape=None, **kwargs) -> int:
     """Every term of the sum-product over the broadcast index space is one multiply-add."""
-    terms = torch.broadcast_shapes(*(torch.Size(_expanded(s, e)) for s, e in ((i1, expand1), (i2, expand2), (i3, expand3))))
+    terms = torch.broadcast_shapes(
+        *(torch.Size(_expanded(s, e)) for s, e in ((i1, expand1), (i2, expand2), (i3, expand3)))
+    )
     return 2 * _numel(terms)
 
 
@@ -149,7 +152,9 @@ class ComputeCount:
     params: int
     trainable_params: int
     by_op: dict[str, int] = field(default_factory=dict)  # aten op -> MAdds
-    by_module: dict[str, int] = field(default_factory=dict)  # top-level child (ModuleDicts: each entry) -> MAdds
+    by_module: dict[str, int] = field(
+        default_factory=dict
+    )  # top-level child (ModuleDicts: each entry) -> MAdds
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -208,7 +213,9 @@ class _ExclusiveAttribution:
                 continue
             seen.add(id(mod))
             self.handles.append(mod.register_forward_pre_hook(lambda *_, n=name: self._switch(push=n)))
-            self.handles.append(mod.register_forward_hook(lambda *_: self._switch(push=None), always_call=True))
+            self.handles.append(
+                mod.register_forward_hook(lambda *_: self._switch(push=None), always_call=True)
+            )
 
     def _switch(self, push: str | None) -> None:
         now = self.counter.get_total_flops()
@@ -247,7 +254,11 @@ def count_madds(model: nn.Module, inputs: Any) -> ComputeCount:
     try:
         model.eval()
         torch.backends.mha.set_fastpath_enabled(False)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), counter:
+        with (
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+            torch.no_grad(),
+            counter,
+        ):
             model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
     finally:
         by_module = attribution.close()
@@ -278,7 +289,11 @@ def model_compute(model: nn.Module, dm) -> dict[str, Any]:
         message = f"{type(exc).__name__}: {exc}"
         log.warning("Could not count the model's multiply-adds (%s); the record stores the error.", message)
         return {"error": message}
-    shapes = {m: list(x.shape) for m, x in inputs.items() if isinstance(x, torch.Tensor)} if isinstance(inputs, Mapping) else None
+    shapes = (
+        {m: list(x.shape) for m, x in inputs.items() if isinstance(x, torch.Tensor)}
+        if isinstance(inputs, Mapping)
+        else None
+    )
     return {
         "madds": count.madds,
         "params": count.params,

@@ -3,6 +3,7 @@
 A record is written once, atomically, when the run has finished; a folder without one is an
 unfinished run and is never counted by the table builder.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,17 +37,39 @@ class RunRecord:
         return json.loads(self.path.read_text())
 
     def write(self, record: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, self.path)  # atomic: a record is either absent or whole
+        write_json(self.path, record)
+
+
+def write_json(
+    path: str | Path, data: Any, indent: int = 2, sort_keys: bool = True, allow_nan: bool = True
+) -> None:
+    """The one way fusionbench writes a JSON artefact: to a temporary file, then renamed over ``path``, so a reader
+    (or a run resumed after a kill) sees the old file or the whole new one, never half of it. Run records allow
+    NaN (a diverged metric is still a result); artefacts that tables plot pass ``allow_nan=False``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=indent, sort_keys=sort_keys, allow_nan=allow_nan) + "\n")
+    os.replace(tmp, path)
 
 
 def git_state() -> dict[str, Any]:
     try:
-        head = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        head = subprocess.run(
+            ["git", "rev-parse", "--verify", "-q", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         sha = head.stdout.strip() if head.returncode == 0 else ""
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
         return {"sha": sha or None, "dirty": bool(dirty.strip())}
     except (OSError, subprocess.SubprocessError):
         return {"sha": None, "dirty": None}
@@ -57,7 +80,9 @@ def hydra_choices(cfg: DictConfig) -> tuple[dict[str, Any], list[str]]:
 
     if HydraConfig.initialized():
         hc = HydraConfig.get()
-        choices = {k: v for k, v in OmegaConf.to_container(hc.runtime.choices).items() if not k.startswith("hydra/")}
+        choices = {
+            k: v for k, v in OmegaConf.to_container(hc.runtime.choices).items() if not k.startswith("hydra/")
+        }
         return choices, list(hc.overrides.task)
     return {}, []
 
@@ -67,7 +92,14 @@ def _float(v: Any) -> float:
 
 
 def runtime_info(
-    cfg, dm, task, trainer: pl.Trainer, test_metrics: dict, test_ckpt: str | None, wall_time_s: float, git: dict | None = None
+    cfg,
+    dm,
+    task,
+    trainer: pl.Trainer,
+    test_metrics: dict,
+    test_ckpt: str | None,
+    wall_time_s: float,
+    git: dict | None = None,
 ) -> dict[str, Any]:
     """Everything a table or a later reader needs to know about a finished run."""
     choices, overrides = hydra_choices(cfg)
@@ -75,7 +107,12 @@ def runtime_info(
     best_val = None
     if cfg.train and ckpt_cb is not None and ckpt_cb.best_model_path and ckpt_cb.best_model_score is not None:
         best_epoch = torch.load(ckpt_cb.best_model_path, map_location="cpu", weights_only=False).get("epoch")
-        best_val = {"metric": ckpt_cb.monitor, "mode": ckpt_cb.mode, "value": _float(ckpt_cb.best_model_score), "epoch": best_epoch}
+        best_val = {
+            "metric": ckpt_cb.monitor,
+            "mode": ckpt_cb.mode,
+            "value": _float(ckpt_cb.best_model_score),
+            "epoch": best_epoch,
+        }
     epochs, steps = int(trainer.current_epoch), int(trainer.global_step)
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     if cfg.train and last.is_file():  # ddp_spawn does not hand loop progress back to the main process
@@ -96,10 +133,19 @@ def runtime_info(
         "global_steps": steps,
         "selection": getattr(dm, "selection", "val"),
         "data": dm.describe(),
-        "params": {"total": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in params if p.requires_grad)},
-        "compute": model_compute(task.model, dm),  # MAdds at batch 1 (fusionbench.compute); {"error": ...} if uncountable
+        "params": {
+            "total": sum(p.numel() for p in params),
+            "trainable": sum(p.numel() for p in params if p.requires_grad),
+        },
+        "compute": model_compute(
+            task.model, dm
+        ),  # MAdds at batch 1 (fusionbench.compute); {"error": ...} if uncountable
         "wall_time_s": round(wall_time_s, 2),
         "git": git or git_state(),
-        "versions": {"fusionbench": __version__, "torch": torch.__version__, "pytorch_lightning": pl.__version__},
+        "versions": {
+            "fusionbench": __version__,
+            "torch": torch.__version__,
+            "pytorch_lightning": pl.__version__,
+        },
         "fast_dev_run": bool(cfg.trainer.get("fast_dev_run", False)),
     }

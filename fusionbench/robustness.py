@@ -26,6 +26,7 @@ Areas (Pro-Fusion appendix "Robustness Computation", after Taori et al. 2020):
   compared in one table (``scale_unit``). After scaling, the baseline cancels: tau(f) - tau(g) does not
   depend on b, so scaled values depend only on the compared set.
 """
+
 from __future__ import annotations
 
 import logging
@@ -172,7 +173,12 @@ def modality_stds(dataset: Dataset, modalities: Sequence[str], batch_size: int) 
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, dataset: Dataset, task_type: str, num_outputs: int, batch_size: int, extra: tuple[str, ...] = ()
+    model: torch.nn.Module,
+    dataset: Dataset,
+    task_type: str,
+    num_outputs: int,
+    batch_size: int,
+    extra: tuple[str, ...] = (),
 ) -> dict[str, float]:
     """Test metrics of ``model`` on ``dataset`` (the task's metric collection, eval mode)."""
     metrics = make_metrics(task_type, num_outputs, extra)
@@ -180,7 +186,9 @@ def evaluate(
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         inputs = {m: x.to(device) for m, x in batch["inputs"].items()}
         out = model(inputs)
-        metrics.update(*(t.cpu() for t in prepare_for_metrics(task_type, out.logits, batch["target"].to(device))))
+        metrics.update(
+            *(t.cpu() for t in prepare_for_metrics(task_type, out.logits, batch["target"].to(device)))
+        )
     return {k: float(v) for k, v in metrics.compute().items()}
 
 
@@ -190,7 +198,9 @@ def auc(levels: Sequence[float], values: Sequence[float]) -> float:
     return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2.0))
 
 
-def relative_auc(levels: Sequence[float], model: Sequence[float], baseline: Sequence[float], metric: str) -> float:
+def relative_auc(
+    levels: Sequence[float], model: Sequence[float], baseline: Sequence[float], metric: str
+) -> float:
     """Pro-Fusion's tau = integral of Perf(f) - Perf(b), negated for error metrics (higher = more robust)."""
     tau = auc(levels, np.asarray(model, dtype=float) - np.asarray(baseline, dtype=float))
     return -tau if lower_is_better(metric) else tau
@@ -206,7 +216,10 @@ def scale_unit(values: Mapping[str, float]) -> dict[str, float]:
     if not finite:
         return {k: float("nan") for k in values}
     lo, hi = min(finite), max(finite)
-    return {k: (float((v - lo) / (hi - lo)) if hi > lo else 0.0) if np.isfinite(v) else float("nan") for k, v in values.items()}
+    return {
+        k: (float((v - lo) / (hi - lo)) if hi > lo else 0.0) if np.isfinite(v) else float("nan")
+        for k, v in values.items()
+    }
 
 
 def run_grid(task: Any, dm: Any, grid: Mapping[str, Any]) -> dict[str, Any]:
@@ -216,14 +229,26 @@ def run_grid(task: Any, dm: Any, grid: Mapping[str, Any]) -> dict[str, Any]:
     was_training = model.training
     model.eval()
     start = time.time()
-    scales = modality_stds(dm.test_set, dm.modalities, spec["batch_size"]) if "gaussian" in spec["noise"] else {}
+    scales = (
+        modality_stds(dm.test_set, dm.modalities, spec["batch_size"]) if "gaussian" in spec["noise"] else {}
+    )
     curves: dict[str, Any] = {}
     for si, (scope, mods) in enumerate(scope_modalities(spec["scopes"], dm.modalities).items()):
         per_level = []
         for li, level in enumerate(spec["levels"]):
-            corruption = Corruption(spec["noise"], level, mods, seed=(spec["seed"] * 1009 + li) * 1013 + si, scales=scales)
-            per_level.append(evaluate(model, dm.robustness_set(corruption), task.task_type, dm.num_outputs, spec["batch_size"],
-                                      tuple(getattr(task, "extra_metrics", ()))))
+            corruption = Corruption(
+                spec["noise"], level, mods, seed=(spec["seed"] * 1009 + li) * 1013 + si, scales=scales
+            )
+            per_level.append(
+                evaluate(
+                    model,
+                    dm.robustness_set(corruption),
+                    task.task_type,
+                    dm.num_outputs,
+                    spec["batch_size"],
+                    tuple(getattr(task, "extra_metrics", ())),
+                )
+            )
         names = sorted(per_level[0])
         values = {k: [p[k] for p in per_level] for k in names}
         curves[scope] = {

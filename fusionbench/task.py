@@ -3,6 +3,7 @@
 The dataset's ``task_type`` picks the loss and the metric collection; the fusion model's
 ``aux_loss`` is added to the loss, and every scalar in its ``info`` is logged.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -18,7 +19,9 @@ from fusionbench.errors import TrainingError
 from fusionbench.metrics import make_metrics, prepare_for_metrics
 
 
-def task_loss(task_type: str, logits: torch.Tensor, target: torch.Tensor, regression_loss: str = "mse") -> torch.Tensor:
+def task_loss(
+    task_type: str, logits: torch.Tensor, target: torch.Tensor, regression_loss: str = "mse"
+) -> torch.Tensor:
     if task_type == "regression" and regression_loss == "l1":  # MOSI/MOSEI models train on L1
         return F.l1_loss(logits.reshape(target.shape).float(), target.float())
     if task_type == "multiclass":
@@ -32,15 +35,14 @@ def task_loss(task_type: str, logits: torch.Tensor, target: torch.Tensor, regres
 
 class FusionTask(pl.LightningModule):
     """Args:
-        model: a fusion model (returns `FusionOutput`).
-        task_type: ``multiclass``, ``multilabel`` or ``regression``.
-        num_outputs: model outputs (classes, labels, targets).
-        optimizer: partial optimizer, called with the parameters.
-        scheduler: optional partial LR scheduler, called with the optimizer; stepped per epoch.
-        aux_weight: multiplier of the model's ``aux_loss``.
-        check_finite: stop with a `TrainingError` naming the step when the loss is NaN or infinite.
-        regression_loss: ``mse`` or ``l1`` for regression tasks (the dataset's ``regression_loss``).
-        extra_metrics: names of extra metrics (the dataset's ``extra_metrics``, `fusionbench.metrics`).
+    model: a fusion model (returns `FusionOutput`).
+    task_type: ``multiclass``, ``multilabel`` or ``regression``.
+    num_outputs: model outputs (classes, labels, targets).
+    optimizer: partial optimizer, called with the parameters.
+    scheduler: optional partial LR scheduler, called with the optimizer; stepped per epoch.
+    check_finite: stop with a `TrainingError` naming the step when the loss is NaN or infinite.
+    regression_loss: ``mse`` or ``l1`` for regression tasks (the dataset's ``regression_loss``).
+    extra_metrics: names of extra metrics (the dataset's ``extra_metrics``, `fusionbench.metrics`).
     """
 
     def __init__(
@@ -50,7 +52,6 @@ class FusionTask(pl.LightningModule):
         num_outputs: int,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
-        aux_weight: float = 1.0,
         check_finite: bool = True,
         regression_loss: str = "mse",
         extra_metrics: tuple[str, ...] | list[str] = (),
@@ -60,12 +61,13 @@ class FusionTask(pl.LightningModule):
         self.task_type = task_type
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.aux_weight = aux_weight
         self.check_finite = check_finite
         if regression_loss not in ("mse", "l1"):
             raise ValueError(f"regression_loss must be 'mse' or 'l1', got {regression_loss!r}")
         self.regression_loss = regression_loss
-        if hasattr(model, "bind_task_loss"):  # models whose target_loss needs the task's own loss (DynMM's stage I)
+        if hasattr(
+            model, "bind_task_loss"
+        ):  # models whose target_loss needs the task's own loss (DynMM's stage I)
             model.bind_task_loss(partial(task_loss, task_type, regression_loss=regression_loss))
         self.extra_metrics = tuple(extra_metrics)
         metrics = make_metrics(task_type, num_outputs, self.extra_metrics)
@@ -80,16 +82,35 @@ class FusionTask(pl.LightningModule):
         out = self.model(batch["inputs"])
         target = batch["target"]
         loss = task_loss(self.task_type, out.logits, target, self.regression_loss)
-        total = loss if out.aux_loss is None else loss + self.aux_weight * out.aux_loss
+        total = (
+            loss if out.aux_loss is None else loss + out.aux_loss
+        )  # each model weights its own terms (jac_weight, resource_weight λ, ref_weight)
         if hasattr(self.model, "target_loss"):
             model_loss = self.model.target_loss(out, target)
             total = total + model_loss
-            self.log(f"{stage}/model_loss", model_loss, on_step=False, on_epoch=True, batch_size=target.shape[0], sync_dist=True)
+            self.log(
+                f"{stage}/model_loss",
+                model_loss,
+                on_step=False,
+                on_epoch=True,
+                batch_size=target.shape[0],
+                sync_dist=True,
+            )
         n = target.shape[0]
         sync = True  # epoch-level values are reduced across DDP ranks once per epoch
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=sync, prog_bar=stage == "val")
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            batch_size=n,
+            sync_dist=sync,
+            prog_bar=stage == "val",
+        )
         if out.aux_loss is not None:
-            self.log(f"{stage}/aux_loss", out.aux_loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=sync)
+            self.log(
+                f"{stage}/aux_loss", out.aux_loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=sync
+            )
         for key, value in out.info.items():
             self.log(f"{stage}/{key}", value, on_step=False, on_epoch=True, batch_size=n, sync_dist=sync)
         metrics = getattr(self, f"{stage}_metrics")
@@ -126,4 +147,7 @@ class FusionTask(pl.LightningModule):
         optimizer = self.optimizer_factory(params=self.parameters())
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer)}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer)},
+        }

@@ -4,6 +4,7 @@ composed config, fits, tests the selected checkpoint and writes the run record `
 ``main()`` is the Hydra entry point behind ``python train.py``; it turns `FusionbenchError` (and
 config instantiation errors) into one clear message and a non-zero exit code.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -32,7 +33,9 @@ log = logging.getLogger("fusionbench")
 
 OmegaConf.register_new_resolver("fb.root", lambda: str(ROOT), replace=True)
 # like oc.env, but an empty variable also falls back to the default (WANDB_MODE= means "not set")
-OmegaConf.register_new_resolver("fb.mul", lambda a, b: int(a) * int(b), replace=True)  # widths derived from a swept one
+OmegaConf.register_new_resolver(
+    "fb.mul", lambda a, b: int(a) * int(b), replace=True
+)  # widths derived from a swept one
 OmegaConf.register_new_resolver("fb.env", lambda name, default: os.environ.get(name) or default, replace=True)
 
 
@@ -65,14 +68,20 @@ def instantiate_all(node: DictConfig | None) -> list[Any]:
     """Instantiate every child with a ``_target_`` (callbacks, loggers)."""
     if not node:
         return []
-    return [instantiate(child, _convert_="all") for child in node.values() if isinstance(child, DictConfig) and "_target_" in child]
+    return [
+        instantiate(child, _convert_="all")
+        for child in node.values()
+        if isinstance(child, DictConfig) and "_target_" in child
+    ]
 
 
 def resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
     if cfg.get("ckpt_path"):
         path = Path(cfg.ckpt_path)
         if not path.is_file():
-            raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist. Give the path of a `.ckpt` file from a run's checkpoints/ folder.")
+            raise ConfigError(
+                f"ckpt_path={cfg.ckpt_path} does not exist. Give the path of a `.ckpt` file from a run's checkpoints/ folder."
+            )
         return str(path)
     last = output_dir / "checkpoints" / "last.ckpt"
     if cfg.train and cfg.get("resume", True) and last.is_file():
@@ -94,7 +103,6 @@ def build(cfg: DictConfig) -> tuple[FusionDataModule, FusionTask]:
         num_outputs=dm.num_outputs,
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        aux_weight=cfg.get("aux_weight", 1.0),
         regression_loss=getattr(dm, "regression_loss", "mse"),
         extra_metrics=tuple(getattr(dm, "extra_metrics", ())),
     )
@@ -114,27 +122,6 @@ def robustness_curves(grid: DictConfig, dm: FusionDataModule, task: FusionTask) 
     return run_grid(task, dm, OmegaConf.to_container(grid, resolve=True))
 
 
-def wants_dynmm_timing(spec: DictConfig | None, task: FusionTask) -> bool:
-    from fusionbench.dynmm_timing import find_dynmm
-
-    return find_dynmm(task) is not None and bool(spec) and int(spec.get("samples", 0)) > 0
-
-
-def dynmm_timing(spec: DictConfig, dm: FusionDataModule, task: FusionTask) -> dict[str, Any]:
-    """A DynMM model's measured ms/sample, routed vs every expert (`fusionbench.dynmm_timing`; ``task`` holds
-    the tested weights). Never raises: timing must not end a finished run."""
-    from fusionbench.dynmm_timing import find_dynmm, first_test_inputs, time_routing
-
-    model = find_dynmm(task)
-    try:
-        device = next(task.parameters()).device
-        inputs = first_test_inputs(dm, int(spec.samples), device)
-        return time_routing(model, inputs, list(spec.get("batch_sizes", [1])), int(spec.get("repeats", 3)))
-    except Exception as exc:  # noqa: BLE001
-        log.warning("Could not time DynMM's routing (%s: %s); the record stores the error.", type(exc).__name__, exc)
-        return {"error": f"{type(exc).__name__}: {exc}"}
-
-
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run one experiment; returns (the run record, the objects built)."""
     start = time.time()
@@ -151,7 +138,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         raise ConfigError("train=false evaluates a checkpoint: give one with ckpt_path=PATH.")
     callbacks = instantiate_all(cfg.get("callbacks"))
     loggers = instantiate_all(cfg.get("logger"))
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="partial")
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="partial"
+    )
 
     if cfg.train:
         trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
@@ -161,23 +150,21 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         test_ckpt = ckpt_path
     test_metrics = trainer.test(task, datamodule=dm, ckpt_path=test_ckpt)[0] if cfg.test else {}
 
-    robustness = timing = None
-    want_robustness = bool(cfg.get("robustness")) and trainer.is_global_zero
-    want_timing = cfg.test and trainer.is_global_zero and wants_dynmm_timing(cfg.get("dynmm_timing"), task)
-    if want_robustness or want_timing:
-        load_tested(task, test_ckpt)
-    if want_robustness:
-        robustness = robustness_curves(cfg.robustness, dm, task)
-    if want_timing:
-        timing = dynmm_timing(cfg.dynmm_timing, dm, task)
-    result = runtime_info(cfg, dm, task, trainer, test_metrics, test_ckpt, wall_time_s=time.time() - start, git=git)
+    if cfg.test and trainer.is_global_zero:
+        load_tested(task, test_ckpt)  # what follows looks at the tested weights
+    robustness = (
+        robustness_curves(cfg.robustness, dm, task)
+        if cfg.get("robustness") and trainer.is_global_zero
+        else None
+    )
+    result = runtime_info(
+        cfg, dm, task, trainer, test_metrics, test_ckpt, wall_time_s=time.time() - start, git=git
+    )
     if robustness is not None:
         result["robustness"] = robustness
-    if timing is not None:
-        result["dynmm_timing"] = timing
-    for callback in callbacks:  # callbacks that contribute to the record (e.g. DEQ solver convergence)
+    for callback in callbacks:  # a method's callback adds its entries (DEQ solver convergence, DynMM timing)
         if hasattr(callback, "record"):
-            result.update(callback.record())
+            result.update(callback.record(task=task, datamodule=dm, tested=bool(cfg.test)))
     if trainer.is_global_zero and not (cfg.trainer.get("fast_dev_run") and cfg.train):
         record.write(result)
     return result, {"datamodule": dm, "task": task, "trainer": trainer}

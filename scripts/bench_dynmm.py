@@ -6,9 +6,10 @@ for each sample) against running every expert, each expert alone and the gate al
 
 Each RUN is a finished DynMM run folder with its ``.hydra/config.yaml`` and a checkpoint under
 ``checkpoints/`` (the tested one: ``epoch*.ckpt``; ``last.ckpt`` when there is no other). The model is
-rebuilt from the run's config, loaded, and timed by `fusionbench.dynmm_timing.time_routing` (the same
+rebuilt from the run's config, loaded, and timed by `fusionbench.fusion.dynmm.timing.time_routing` (the same
 measurement a DynMM run writes to its record as ``dynmm_timing``) on the first ``--samples`` test samples.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,23 +18,31 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from fusionbench.dynmm_timing import find_dynmm, first_test_inputs, time_routing
+from fusionbench.fusion.dynmm.timing import find_dynmm, first_test_inputs, time_routing
 from fusionbench.train import build
 
 
 def checkpoint(run: Path) -> Path:
-    found = sorted((run / "checkpoints").glob("epoch*.ckpt")) or sorted((run / "checkpoints").glob("last.ckpt"))
+    found = sorted((run / "checkpoints").glob("epoch*.ckpt")) or sorted(
+        (run / "checkpoints").glob("last.ckpt")
+    )
     if len(found) != 1:
-        raise SystemExit(f"{run}/checkpoints holds {[p.name for p in found] or 'no checkpoint'}; expected one epoch*.ckpt or last.ckpt")
+        raise SystemExit(
+            f"{run}/checkpoints holds {[p.name for p in found] or 'no checkpoint'}; expected one epoch*.ckpt or last.ckpt"
+        )
     return found[0]
 
 
 def bench(run: Path, args: argparse.Namespace) -> dict:
     if not (run / ".hydra" / "config.yaml").is_file():
-        raise SystemExit(f"{run} is not a run folder (no .hydra/config.yaml); pass results/runs/<experiment>/seed=<n> of a DynMM run.")
+        raise SystemExit(
+            f"{run} is not a run folder (no .hydra/config.yaml); pass results/runs/<experiment>/seed=<n> of a DynMM run."
+        )
     cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
     if "DynMM" not in str(cfg.get("fusion", {}).get("_target_", "")):
-        raise SystemExit(f"{run} is not a fusion=dynmm run (its fusion is {cfg.get('fusion', {}).get('_target_')}).")
+        raise SystemExit(
+            f"{run} is not a fusion=dynmm run (its fusion is {cfg.get('fusion', {}).get('_target_')})."
+        )
     cfg.paths.output_dir = str(run)
     cfg.fusion.stage1_ckpt = None  # the run's own checkpoint holds the trained experts
     cfg.fusion.freeze_experts = False
@@ -48,7 +57,16 @@ def bench(run: Path, args: argparse.Namespace) -> dict:
 
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     names = rows[0]["names"]
-    head = ["run", "batch", *[f"share {n}" for n in names], "routed", "every expert", *names, "gate", "every / routed"]
+    head = [
+        "run",
+        "batch",
+        *[f"share {n}" for n in names],
+        "routed",
+        "every expert",
+        *names,
+        "gate",
+        "every / routed",
+    ]
     lines = [
         "### DynMM inference time per test sample: hard routing against every expert",
         "",
@@ -56,7 +74,7 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         f"--batch {' '.join(str(b) for b in args.batch)} --threads {args.threads} --repeats {args.repeats}` "
         f"(torch {torch.__version__}, {args.threads} CPU thread(s){args.note}). Milliseconds per sample: the time of a pass "
         "over the samples in batches of the given size / samples, median of the repeats after a warm-up "
-        "(`fusionbench.dynmm_timing`). routed = DynMM's inference (gate, then each sample's selected expert only); "
+        "(`fusionbench.fusion.dynmm.timing`). routed = DynMM's inference (gate, then each sample's selected expert only); "
         "every expert = gate + all experts on every sample; the expert and gate columns run alone. Shares: fraction "
         "of these samples routed to each expert (soft gating: the mean gate weights; its routed pass runs every expert).",
         "",
@@ -65,13 +83,23 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     ]
     for r in rows:
         for b, ms in r["ms_per_sample"].items():
-            cells = [str(r["run"]).split("runs/")[-1], b, *[f"{r['shares'][n]:.2f}" for n in names],
-                     f"{ms['routed']:.3f}", f"{ms['every_expert']:.3f}", *[f"{ms[f'expert_{n}']:.3f}" for n in names],
-                     f"{ms['gate']:.3f}", f"{ms['speedup']:.2f}x"]
+            cells = [
+                str(r["run"]).split("runs/")[-1],
+                b,
+                *[f"{r['shares'][n]:.2f}" for n in names],
+                f"{ms['routed']:.3f}",
+                f"{ms['every_expert']:.3f}",
+                *[f"{ms[f'expert_{n}']:.3f}" for n in names],
+                f"{ms['gate']:.3f}",
+                f"{ms['speedup']:.2f}x",
+            ]
             lines.append("| " + " | ".join(cells) + " |")
     worst = max(r["max_abs_diff"] for r in rows)
-    lines += ["", f"Outputs equal the selected expert's outputs (soft gating: the gate-weighted mixture of every expert's outputs) "
-              f"on the same samples, max |difference| {worst:.1e}."]
+    lines += [
+        "",
+        f"Outputs equal the selected expert's outputs (soft gating: the gate-weighted mixture of every expert's outputs) "
+        f"on the same samples, max |difference| {worst:.1e}.",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -11,12 +11,13 @@ only: encoders are excluded, since they are the same for every method). Methods:
 backward solve), ``deq_fixed`` (exactly ``--f-max-iter`` forward and ``--f-max-iter + 1`` backward Anderson
 steps with no host synchronisation inside the loops, implicit gradient), ``deq_graph`` (the same solves
 replayed from CUDA graphs; CUDA only), ``deq_phantom`` (fixed forward iterations, phantom gradient),
-``deq_phantom_graph`` (its forward solve from a CUDA graph; CUDA only) and ``unrolled`` (``--unroll-steps`` weight-tied layers, backprop through all).
+``deq_phantom_graph`` (its forward solve from a CUDA graph; CUDA only) and ``unrolled`` (``--depth`` weight-tied layers, backprop through all).
 It prints milliseconds per step (median over ``--steps`` after ``--warmup``), the ratio to late fusion,
 peak memory (CUDA: the allocator's peak; CPU: not measured), the solver's mean forward steps, the final
 relative residual and the share of backward solves that passed their check; ``--out`` also writes the
 table as markdown.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,14 +50,19 @@ def build(method: str, n: int, d: int, classes: int, args) -> nn.Module:
     enc = nn.ModuleDict({f"m{i}": IdentityEncoder(d) for i in range(n)})
     if method == "late":
         return ConcatFusion(enc, classes)
-    common = dict(f_max_iter=args.f_max_iter, b_max_iter=args.f_max_iter + 1, jac_weight=args.jac_weight, max_failures=10**9)
+    common = dict(
+        f_max_iter=args.f_max_iter,
+        b_max_iter=args.f_max_iter + 1,
+        jac_weight=args.jac_weight,
+        max_failures=10**9,
+    )
     variants = {
         "deq": {},
         "deq_fixed": {"fixed_iterations": True},
         "deq_graph": {"fixed_iterations": True, "cuda_graph": True},
         "deq_phantom": {"fixed_iterations": True, "grad": "phantom"},
         "deq_phantom_graph": {"fixed_iterations": True, "grad": "phantom", "cuda_graph": True},
-        "unrolled": {"mode": "unrolled", "unroll_steps": args.unroll_steps},
+        "unrolled": {"mode": "unrolled", "depth": args.depth},
     }
     return DEQFusion(enc, classes, **common, **variants[method])
 
@@ -109,17 +115,21 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--f-max-iter", type=int, default=30)
-    p.add_argument("--unroll-steps", type=int, default=30)
+    p.add_argument("--depth", type=int, default=30, help="layers of the weight-tied unrolled baseline")
     p.add_argument("--jac-weight", type=float, default=0.0)
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--out", help="also write the table as markdown to this file")
     args = p.parse_args()
     logging.getLogger("fusionbench").setLevel(logging.ERROR)
-    head = (f"device={args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}), f_max_iter={args.f_max_iter}, "
-            f"unroll_steps={args.unroll_steps}, jac_weight={args.jac_weight}, threads={torch.get_num_threads()}, torch {torch.__version__}")
+    head = (
+        f"device={args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}), f_max_iter={args.f_max_iter}, "
+        f"depth={args.depth}, jac_weight={args.jac_weight}, threads={torch.get_num_threads()}, torch {torch.__version__}"
+    )
     cols = ["shape", "method", "ms/step", "x late", "peak MiB", "fwd steps", "rel residual", "bwd converged"]
     print(head)
-    print(f"{cols[0]:8} {cols[1]:12} {cols[2]:>9} {cols[3]:>7} {cols[4]:>9} {cols[5]:>9} {cols[6]:>12} {cols[7]:>13}")
+    print(
+        f"{cols[0]:8} {cols[1]:12} {cols[2]:>9} {cols[3]:>7} {cols[4]:>9} {cols[5]:>9} {cols[6]:>12} {cols[7]:>13}"
+    )
     rows = []
     for shape in args.shapes:
         base = None
@@ -128,19 +138,35 @@ def main() -> None:
                 continue
             try:
                 r = bench(method, shape, args)
-            except Exception as e:  # one failing method (say, a CUDA graph that cannot be captured) must not lose the table
+            except (
+                Exception
+            ) as e:  # one failing method (say, a CUDA graph that cannot be captured) must not lose the table
                 traceback.print_exc()
                 rows.append([shape, method, f"failed: {type(e).__name__}"] + [""] * (len(cols) - 3))
                 print(f"{shape:8} {method:12} failed: {e!r}"[:300])
                 continue
             base = base or r["ms"]
-            row = [shape, method, f"{r['ms']:.1f}", f"{r['ms'] / base:.1f}", f"{r['peak_mib']:.1f}", f"{r['nstep']:.1f}",
-                   f"{r['residual']:.2e}", f"{r['b_converged']:.2f}"]
+            row = [
+                shape,
+                method,
+                f"{r['ms']:.1f}",
+                f"{r['ms'] / base:.1f}",
+                f"{r['peak_mib']:.1f}",
+                f"{r['nstep']:.1f}",
+                f"{r['residual']:.2e}",
+                f"{r['b_converged']:.2f}",
+            ]
             rows.append(row)
-            print(f"{row[0]:8} {row[1]:12} {row[2]:>9} {row[3]:>7} {row[4]:>9} {row[5]:>9} {row[6]:>12} {row[7]:>13}")
+            print(
+                f"{row[0]:8} {row[1]:12} {row[2]:>9} {row[3]:>7} {row[4]:>9} {row[5]:>9} {row[6]:>12} {row[7]:>13}"
+            )
     if args.out:
-        lines = [f"Measured by `python scripts/bench_fusion.py {' '.join(sys.argv[1:])}`: {head}.", "",
-                 "| " + " | ".join(cols) + " |", "|" + "---|" * 2 + "---:|" * (len(cols) - 2)]
+        lines = [
+            f"Measured by `python scripts/bench_fusion.py {' '.join(sys.argv[1:])}`: {head}.",
+            "",
+            "| " + " | ".join(cols) + " |",
+            "|" + "---|" * 2 + "---:|" * (len(cols) - 2),
+        ]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         Path(args.out).write_text("\n".join(lines) + "\n")
 

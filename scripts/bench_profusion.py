@@ -9,6 +9,7 @@ Both are medians over ``--steps`` after ``--warmup`` on random inputs. "base" is
 R = 1 is the wrapper around it (the same computation plus nothing), so its ratio shows the wrapper's
 own overhead.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,10 @@ from fusionbench.encoders import LeNetEncoder
 from fusionbench.fusion import ProFusion
 from fusionbench.fusion.profusion import build_base
 
-BASE_ARGS = {"concat": {"head_hidden": [100]}, "lowrank": {"rank": 40, "output_dim": 120, "head_hidden": [100]}}
+BASE_ARGS = {
+    "concat": {"head_hidden": [100]},
+    "lowrank": {"rank": 40, "output_dim": 120, "head_hidden": [100]},
+}
 
 
 def encoders() -> dict[str, nn.Module]:
@@ -47,7 +51,10 @@ def timed(fn, device: torch.device, warmup: int, steps: int) -> float:
 def bench(model: nn.Module, args) -> tuple[float, float]:
     device = torch.device(args.device)
     model = model.to(device)
-    x = {"image": torch.rand(args.batch, 1, 28, 28, device=device), "audio": torch.rand(args.batch, 1, 112, 112, device=device)}
+    x = {
+        "image": torch.rand(args.batch, 1, 28, 28, device=device),
+        "audio": torch.rand(args.batch, 1, 112, 112, device=device),
+    }
     y = torch.randint(0, 10, (args.batch,), device=device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
 
@@ -90,9 +97,13 @@ def main() -> None:
         lines.append(f"| {name} | base | {base_train:.1f} | 1.00 | {base_infer:.1f} | 1.00 |")
         for r in args.unroll:
             torch.manual_seed(0)
-            model = ProFusion(encoders(), 10, base=name, base_args=BASE_ARGS[name], unroll_steps=r, context_dim=64)
+            model = ProFusion(
+                encoders(), 10, base=name, base_args=BASE_ARGS[name], unroll_steps=r, context_dim=64
+            )
             t, i = bench(model, args)
-            lines.append(f"| {name} | {r} | {t:.1f} | {t / base_train:.2f} | {i:.1f} | {i / base_infer:.2f} |")
+            lines.append(
+                f"| {name} | {r} | {t:.1f} | {t / base_train:.2f} | {i:.1f} | {i / base_infer:.2f} |"
+            )
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -10,6 +10,7 @@ time of a run (steps per epoch x epochs; validation, test and the noise grid not
 Train step = forward + backward + the experiment's optimiser update; inference = forward in eval mode
 without gradients; medians over ``--steps`` after ``--warmup`` on real training batches.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,9 @@ def compose(experiment: str):
     from fusionbench import ROOT
 
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return hydra_compose("train", overrides=[f"experiment={experiment}", "paths.output_dir=/tmp/fusionbench_bench"])
+        return hydra_compose(
+            "train", overrides=[f"experiment={experiment}", "paths.output_dir=/tmp/fusionbench_bench"]
+        )
 
 
 def bench(experiment: str, args) -> dict:
@@ -62,8 +65,14 @@ def bench(experiment: str, args) -> dict:
     train_s = timed(train_step, device, args.warmup, args.steps) / 1000  # timed() gives milliseconds
     infer_s = timed(infer, device, args.warmup, args.steps) / 1000
     steps = len(dm.train_dataloader()) * int(cfg.trainer.max_epochs)
-    return {"experiment": experiment, "train_s": train_s, "infer_s": infer_s, "epochs": int(cfg.trainer.max_epochs),
-            "est_min": train_s * steps / 60, "params": sum(p.numel() for p in model.parameters())}
+    return {
+        "experiment": experiment,
+        "train_s": train_s,
+        "infer_s": infer_s,
+        "epochs": int(cfg.trainer.max_epochs),
+        "est_min": train_s * steps / 60,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def main() -> None:
@@ -80,18 +89,24 @@ def main() -> None:
     for m in args.models:
         for v in args.variants:
             rows.append(bench(f"pro_t4_{args.sector}_{m}_{v}", args))
-            print(rows[-1], flush=True)  # a long sweep keeps what it measured if a later model runs out of memory
+            print(
+                rows[-1], flush=True
+            )  # a long sweep keeps what it measured if a later model runs out of memory
     threads = torch.get_num_threads() if args.device == "cpu" else "-"
     lines = [
-        (f"Table 4 models on {args.sector} ({args.device}, {threads} thread(s), batch 16, 500 steps; "
-         f"`python scripts/bench_stocks.py --sector {args.sector} --models {' '.join(args.models)} --variants "
-         f"{' '.join(args.variants)} --steps {args.steps} --warmup {args.warmup}`)"),
+        (
+            f"Table 4 models on {args.sector} ({args.device}, {threads} thread(s), batch 16, 500 steps; "
+            f"`python scripts/bench_stocks.py --sector {args.sector} --models {' '.join(args.models)} --variants "
+            f"{' '.join(args.variants)} --steps {args.steps} --warmup {args.warmup}`)"
+        ),
         "",
         "| experiment | params | train step (s) | inference batch (s) | epochs | est. training (min) |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    lines += [f"| {r['experiment']} | {r['params']:,} | {r['train_s']:.3f} | {r['infer_s']:.3f} | {r['epochs']} | {r['est_min']:.1f} |"
-              for r in rows]
+    lines += [
+        f"| {r['experiment']} | {r['params']:,} | {r['train_s']:.3f} | {r['infer_s']:.3f} | {r['epochs']} | {r['est_min']:.1f} |"
+        for r in rows
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -3,6 +3,7 @@ checkpoint, e.g. for runs made before the DEQDiagnostics callback existed.
 
     python scripts/deq_diagnostics.py results/runs/deq_t1_rosmap_deq_all/seed=*
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,8 @@ import torch
 from omegaconf import OmegaConf, open_dict
 
 import fusionbench.train  # noqa: F401  (registers the config resolvers)
-from fusionbench.callbacks import deq_diagnostics, write_json
+from fusionbench.fusion.deq.callbacks import deq_diagnostics
+from fusionbench.records import write_json
 from fusionbench.train import build
 
 
@@ -33,7 +35,7 @@ def run(folder: Path, steps: int) -> str:
     result = deq_diagnostics(task.model, batch["inputs"], steps)
     if result is None:
         return "no DEQ fusion in this model"
-    write_json(folder / "diagnostics.json", result)
+    write_json(folder / "diagnostics.json", result, indent=1, sort_keys=False, allow_nan=False)
     return "written"
 
 

@@ -1,7 +1,8 @@
 """The default command on CPU and GPU, seed by seed, from the records `scripts/gpu_check_deq.sh` collects.
 
-    python scripts/gpu_check_table.py results/deq_gpu_check/records.jsonl > results/deq_cpu_gpu.md
+python scripts/gpu_check_table.py results/deq_gpu_check/records.jsonl > results/deq_cpu_gpu.md
 """
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,11 @@ def main(path: str) -> None:
     records = [json.loads(line) for line in open(path)]
     seeds = sorted({r["seed"] for r in records})
     by = {(r["name"], r["seed"]): r for r in records}
-    print("| command | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std | selected epochs | test solves converged |")
+    print(
+        "| command | "
+        + " | ".join(f"seed {s}" for s in seeds)
+        + " | mean ± std | selected epochs | test solves converged |"
+    )
     print("|---|" + "---:|" * len(seeds) + "---:|---|---:|")
     for name, label in LABELS.items():
         runs = [by.get((name, s)) for s in seeds]

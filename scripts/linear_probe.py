@@ -5,6 +5,7 @@ which `make tables` turns into results/pro_fig13_*.
     python scripts/linear_probe.py results/runs/pro_t1_avmnist_lf_pro/seed=*
     python scripts/linear_probe.py RUN --steps 4 --train-samples 5000   # probe beyond the trained R
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,9 +16,9 @@ import torch
 from omegaconf import OmegaConf, open_dict
 
 import fusionbench.train  # noqa: F401  (registers the config resolvers)
-from fusionbench.callbacks import write_json
 from fusionbench.errors import FusionbenchError
-from fusionbench.probe import linear_probe
+from fusionbench.fusion.profusion.probe import linear_probe
+from fusionbench.records import write_json
 from fusionbench.train import build
 
 
@@ -34,8 +35,16 @@ def run(folder: Path, steps: int | None, train_samples: int) -> str:
     dm, task = build(cfg)
     task.load_state_dict(torch.load(ckpts[-1], map_location="cpu", weights_only=False)["state_dict"])
     dm.setup("test")
-    acc = linear_probe(task.model, dm.train_dataloader(), dm.test_dataloader(), dm.num_outputs, steps, train_samples)
-    write_json(folder / "linear_probe.json", {m: {str(t + 1): a for t, a in enumerate(v)} for m, v in acc.items()})
+    acc = linear_probe(
+        task.model, dm.train_dataloader(), dm.test_dataloader(), dm.num_outputs, steps, train_samples
+    )
+    write_json(
+        folder / "linear_probe.json",
+        {m: {str(t + 1): a for t, a in enumerate(v)} for m, v in acc.items()},
+        indent=1,
+        sort_keys=False,
+        allow_nan=False,
+    )
     return "written: " + ", ".join(f"{m} " + " -> ".join(f"{a:.3f}" for a in v) for m, v in acc.items())
 
 
@@ -43,7 +52,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path, help="run folders (holding .hydra/ and checkpoints/)")
     p.add_argument("--steps", type=int, help="unroll steps to probe (default: the model's R)")
-    p.add_argument("--train-samples", type=int, default=10000, help="training samples the probes are fitted on")
+    p.add_argument(
+        "--train-samples", type=int, default=10000, help="training samples the probes are fitted on"
+    )
     args = p.parse_args()
     failed = 0
     for folder in args.runs:

@@ -1,15 +1,16 @@
-"""Regenerate every table under configs/tables/ from the run records on disk, and the README block.
+"""Regenerate every table under configs/tables/ from the run records on disk, and the block of results/README.md.
 
-    python scripts/make_tables.py            # all tables -> results/<name>.{md,csv,tex}, README updated
-    python scripts/make_tables.py --only baselines_rosmap --no-readme
+python scripts/make_tables.py            # all tables -> results/<name>.{md,csv,tex}, results/README.md updated
+python scripts/make_tables.py --only baselines_rosmap --no-readme
 """
+
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
 from fusionbench import ROOT
-from fusionbench.results import build_tables, update_readme
+from fusionbench.tables import build_tables, update_readme
 
 
 def main() -> None:
@@ -18,14 +19,16 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "results", help="where the rendered tables go")
     p.add_argument("--root", type=Path, default=ROOT, help="folder the tables' run paths are relative to")
     p.add_argument("--only", nargs="*", help="table names to render (default: all)")
-    p.add_argument("--no-readme", action="store_true", help="do not rewrite the README tables block")
+    p.add_argument(
+        "--no-readme", action="store_true", help="do not rewrite the tables block of results/README.md"
+    )
     args = p.parse_args()
     rendered = build_tables(args.tables, args.out, args.root, args.only)
     for name in sorted(rendered):
         print(f"wrote {args.out / name}.*")
     if not args.no_readme and not args.only:
-        changed = update_readme(ROOT / "README.md", rendered)
-        print("README.md tables block " + ("updated" if changed else "unchanged"))
+        changed = update_readme(args.out / "README.md", rendered)
+        print(f"{args.out / 'README.md'} tables block " + ("updated" if changed else "unchanged"))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Each argument is LABEL=PATH to a Lightning CSV log (``logger=csv``) or to a comp
 ``--keep``. The per-epoch columns are reduced to one row per epoch; ``--keep`` saves those compact CSVs so the
 figure can be redrawn from committed files.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fusionbench.results.plotting import save_figure
+from fusionbench.tables.plotting import save_figure
 
 COLUMNS = {  # compact name: Lightning log column
     "train_loss": "train/loss",
@@ -24,8 +25,14 @@ COLUMNS = {  # compact name: Lightning log column
     "f_steps": "train/deq/nstep",
     "b_converged": "train/deq/b_converged",
 }
-PANELS = [("train_loss", "training loss"), ("val_loss", "validation loss"), ("f_rel_residual", "forward relative residual (train)"),
-          ("f_steps", "forward solver steps (train)"), ("b_converged", "backward solves passing the check"), ("val_acc", "validation accuracy")]
+PANELS = [
+    ("train_loss", "training loss"),
+    ("val_loss", "validation loss"),
+    ("f_rel_residual", "forward relative residual (train)"),
+    ("f_steps", "forward solver steps (train)"),
+    ("b_converged", "backward solves passing the check"),
+    ("val_acc", "validation accuracy"),
+]
 
 
 def per_epoch(path: Path) -> pd.DataFrame:
@@ -51,7 +58,9 @@ def main() -> None:
         if not sep or not label:
             p.error(f"{item!r} is not LABEL=PATH (e.g. after_seed1=logs/runs/X/csv/metrics.csv)")
         if not Path(path).is_file():
-            p.error(f"{path} does not exist: give a Lightning CSV log (a run with logger=csv) or a compact CSV from --keep")
+            p.error(
+                f"{path} does not exist: give a Lightning CSV log (a run with logger=csv) or a compact CSV from --keep"
+            )
         curves[label] = per_epoch(Path(path))
         if args.keep:
             Path(args.keep).mkdir(parents=True, exist_ok=True)
@@ -61,7 +70,14 @@ def main() -> None:
     for ax, (key, title) in zip(axes.flat, PANELS):
         for label, frame in curves.items():
             if key in frame:
-                ax.plot(frame.index, frame[key], label=label, lw=1.1, color=colours[label], ls="--" if label.startswith("before") else "-")
+                ax.plot(
+                    frame.index,
+                    frame[key],
+                    label=label,
+                    lw=1.1,
+                    color=colours[label],
+                    ls="--" if label.startswith("before") else "-",
+                )
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
         if key == "f_rel_residual":

@@ -8,6 +8,7 @@ Files are copied into a temporary folder beside the target and moved into place 
 file is present and matches its published checksum, so a failed import leaves nothing half-written.
 AV-MNIST is built (not copied) from MNIST + FSDD the same way; see fusionbench/data/avmnist_build.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,9 @@ def import_mogonet(name: str, source: Path, data_root: Path) -> Path:
     probe = datamodule(name, source)
     missing = [f for f in probe.required_files() if not (source / f).is_file()]
     if missing:
-        raise FusionbenchError(f"{source} lacks {', '.join(missing)}; point --from at the {name.upper()}/ folder of MOGONET.")
+        raise FusionbenchError(
+            f"{source} lacks {', '.join(missing)}; point --from at the {name.upper()}/ folder of MOGONET."
+        )
     data_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=data_root, prefix=f".{name}-") as tmp:
         staging = Path(tmp) / name
@@ -60,18 +63,26 @@ def main() -> None:
     p.add_argument("--mnist", type=Path, help="avmnist: folder with the four MNIST IDX files (.gz or raw)")
     p.add_argument("--fsdd", type=Path, help="avmnist: FSDD folder holding recordings/")
     p.add_argument("--seed", type=int, default=0, help="avmnist: clip shuffle and noise seed (default 0)")
-    p.add_argument("--noise-snr-db", type=float, default=10.0, help="avmnist: white-noise SNR in dB (default 10)")
+    p.add_argument(
+        "--noise-snr-db", type=float, default=10.0, help="avmnist: white-noise SNR in dB (default 10)"
+    )
     p.add_argument("--verify", action="store_true", help="only verify the files already in place")
     p.add_argument("--data-dir", type=Path, default=ROOT / "data", help="data root (default: data/)")
     args = p.parse_args()
     try:
         if args.dataset == "avmnist" and (args.mnist or args.fsdd or args.source):
             if not (args.mnist and args.fsdd) or args.source:
-                raise FusionbenchError("avmnist is built, not imported: give both --mnist DIR and --fsdd DIR (and no --from).")
+                raise FusionbenchError(
+                    "avmnist is built, not imported: give both --mnist DIR and --fsdd DIR (and no --from)."
+                )
             start = time.perf_counter()
             target = build_avmnist(
-                args.mnist.expanduser(), args.fsdd.expanduser(), args.data_dir, seed=args.seed,
-                noise_snr_db=args.noise_snr_db, log=lambda msg: print(f"avmnist: {msg}", flush=True),
+                args.mnist.expanduser(),
+                args.fsdd.expanduser(),
+                args.data_dir,
+                seed=args.seed,
+                noise_snr_db=args.noise_snr_db,
+                log=lambda msg: print(f"avmnist: {msg}", flush=True),
             )
             print(f"avmnist: built into {target} in {time.perf_counter() - start:.0f} s")
         elif args.source:

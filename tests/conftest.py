@@ -1,11 +1,14 @@
 """Shared fixtures: compose the real configs (as `python train.py` does) and write dataset fixtures
 in their real on-disk formats."""
+
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
@@ -16,11 +19,17 @@ from fusionbench.data.mogonet import MogonetDataModule
 
 CONFIG_DIR = str(ROOT / "configs")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs 2 workers on 2 cores: one thread each, not 2 x 2
+    os.environ["OMP_NUM_THREADS"] = "1"  # also for the runs tests start as subprocesses
+    torch.set_num_threads(1)
+
 # Fast settings for runs inside tests: CPU, tiny epochs, no progress bar, no logger.
 FAST = ["trainer.enable_progress_bar=false", "logger=none", "trainer.max_epochs=2"]
 
 
-def compose_cfg(overrides: list[str], output_dir: Path | None = None, return_hydra_config: bool = False) -> DictConfig:
+def compose_cfg(
+    overrides: list[str], output_dir: Path | None = None, return_hydra_config: bool = False
+) -> DictConfig:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides, return_hydra_config=return_hydra_config)
@@ -41,7 +50,9 @@ def make_cfg(tmp_path):
     return _make
 
 
-def write_mogonet_fixture(folder: Path, n_tr: int = 40, n_te: int = 20, dims=(6, 5, 4), num_classes: int = 3, seed: int = 0):
+def write_mogonet_fixture(
+    folder: Path, n_tr: int = 40, n_te: int = 20, dims=(6, 5, 4), num_classes: int = 3, seed: int = 0
+):
     """A KB-sized dataset in exact MOGONET layout with a learnable signal in every view."""
     rng = np.random.default_rng(seed)
     y_tr = np.arange(n_tr) % num_classes

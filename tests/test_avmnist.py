@@ -1,5 +1,6 @@
 """AV-MNIST: the builder (IDX reader, PCA corruption, spectrograms, pairing, determinism, atomicity,
 manifest) on tiny MNIST/FSDD-format inputs, and the loader on built and MultiBench-layout folders."""
+
 from __future__ import annotations
 
 import gzip
@@ -26,6 +27,7 @@ SPEAKERS = {"jackson": 2, "nicolas": 1, "yweweler": 2, "george": 1}  # clips per
 
 
 # -- tiny inputs in the real formats -----------------------------------------------------------
+
 
 def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:
     """IDX: big-endian magic 0x08 (uint8) << 8 | ndim, one int32 per dim, then the bytes."""
@@ -78,6 +80,7 @@ def sha256(path: Path) -> str:
 
 # -- IDX ---------------------------------------------------------------------------------------
 
+
 def test_idx_round_trip_gzipped_and_raw(tmp_path):
     x = np.random.default_rng(0).integers(0, 256, size=(5, 28, 28)).astype(np.uint8)
     for gz in (True, False):
@@ -89,13 +92,19 @@ def test_idx_round_trip_gzipped_and_raw(tmp_path):
 def test_idx_errors_name_the_file_and_the_expectation(sources):
     mnist, _ = sources
     images = mnist / "train-images-idx3-ubyte.gz"
-    images.write_bytes((mnist / "train-labels-idx1-ubyte.gz").read_bytes())  # a labels file under the images name
-    with pytest.raises(DatasetError, match=r"train-images-idx3-ubyte.gz is not an IDX file with magic 0x803 .*0x801"):
+    images.write_bytes(
+        (mnist / "train-labels-idx1-ubyte.gz").read_bytes()
+    )  # a labels file under the images name
+    with pytest.raises(
+        DatasetError, match=r"train-images-idx3-ubyte.gz is not an IDX file with magic 0x803 .*0x801"
+    ):
         build.read_mnist(mnist, "train")
     write_idx(images, np.zeros((3, 28, 28)))
     raw = gzip.decompress(images.read_bytes())
     images.write_bytes(gzip.compress(raw[:-10]))
-    with pytest.raises(DatasetError, match=r"train-images-idx3-ubyte.gz header says \(3, 28, 28\).*truncated"):
+    with pytest.raises(
+        DatasetError, match=r"train-images-idx3-ubyte.gz header says \(3, 28, 28\).*truncated"
+    ):
         build.read_mnist(mnist, "train")
     (mnist / "t10k-labels-idx1-ubyte").unlink()
     missing = r"t10k-labels-idx1-ubyte.gz \(or uncompressed t10k-labels-idx1-ubyte\) is missing"
@@ -104,6 +113,7 @@ def test_idx_errors_name_the_file_and_the_expectation(sources):
 
 
 # -- image and audio transforms -----------------------------------------------------------------
+
 
 def test_pca_keeps_the_leading_components_past_the_stated_energy():
     rng = np.random.default_rng(1)
@@ -118,7 +128,7 @@ def test_pca_keeps_the_leading_components_past_the_stated_energy():
     kept = rec - x.mean(0)  # the reconstruction is the mean plus a rank-k part
     sv = np.linalg.svd(kept.astype(np.float64), compute_uv=False)
     assert sv[k - 1] > 1e3 * sv[k]
-    assert ((kept ** 2).sum() / (xc ** 2).sum()) == pytest.approx(evr[k - 1], rel=1e-3)
+    assert ((kept**2).sum() / (xc**2).sum()) == pytest.approx(evr[k - 1], rel=1e-3)
     # on integer pixels it matches the exact reconstruction (the projector is rounded for reproducibility)
     pixels = np.round(x).astype(np.uint8)
     rec, k = build.pca_degrade(pixels)
@@ -139,11 +149,12 @@ def test_spectrogram_shape_and_tone_bin():
 def test_noise_is_at_the_requested_snr():
     x = 1000 * np.sin(np.arange(80000) / 7)
     noisy = build.add_noise(x, 10.0, np.random.default_rng(0))
-    snr = 10 * np.log10(np.mean(x ** 2) / np.mean((noisy - x) ** 2))
+    snr = 10 * np.log10(np.mean(x**2) / np.mean((noisy - x) ** 2))
     assert snr == pytest.approx(10.0, abs=0.1)
 
 
 # -- the build ----------------------------------------------------------------------------------
+
 
 def test_build_layout_pairing_and_manifest(sources, tmp_path):
     mnist, fsdd = sources
@@ -153,7 +164,13 @@ def test_build_layout_pairing_and_manifest(sources, tmp_path):
         image, audio = np.load(out / f"image/{split}_data.npy"), np.load(out / f"audio/{split}_data.npy")
         labels = np.load(out / f"{split}_labels.npy")
         assert (image.shape, image.dtype, audio.shape, audio.dtype, labels.shape, labels.dtype) == (
-            (n, 784), np.float32, (n, 112, 112), np.uint8, (n,), np.int64)
+            (n, 784),
+            np.float32,
+            (n, 112, 112),
+            np.uint8,
+            (n,),
+            np.int64,
+        )
         assert 0 <= image.min() and image.max() <= 255
         stem = "train" if split == "train" else "t10k"
         idx = mnist / (f"{stem}-labels-idx1-ubyte" + ".gz" * (split == "train"))
@@ -169,7 +186,9 @@ def test_build_layout_pairing_and_manifest(sources, tmp_path):
     assert manifest["params"]["noise_snr_db"] == 10.0 and manifest["params"]["seed"] == 0
     assert "ESC-50" in manifest["noise"] and "ESC-50" in (out / "PROVENANCE.md").read_text()
     assert manifest["sources"]["fsdd"]["wavs_used"] == 50
-    assert manifest["sources"]["mnist"]["t10k-images-idx3-ubyte"]["sha256"] == sha256(mnist / "t10k-images-idx3-ubyte")
+    assert manifest["sources"]["mnist"]["t10k-images-idx3-ubyte"]["sha256"] == sha256(
+        mnist / "t10k-images-idx3-ubyte"
+    )
     for rel, h in array_hashes(out).items():
         assert manifest["files"][rel]["sha256"] == h
     assert manifest["files"]["audio/train_data.npy"]["shape"] == [N_TRAIN, 112, 112]
@@ -183,7 +202,9 @@ def test_build_is_deterministic_per_seed(sources, tmp_path):
     assert a == b
     assert a["audio/train_data.npy"] != c["audio/train_data.npy"]
     assert a["image/train_data.npy"] == c["image/train_data.npy"]  # the seed only drives clip order and noise
-    assert (tmp_path / "a/avmnist/manifest.json").read_bytes() == (tmp_path / "b/avmnist/manifest.json").read_bytes()
+    assert (tmp_path / "a/avmnist/manifest.json").read_bytes() == (
+        tmp_path / "b/avmnist/manifest.json"
+    ).read_bytes()
 
 
 def test_a_failed_build_leaves_nothing_behind(sources, tmp_path, monkeypatch):
@@ -221,13 +242,16 @@ def test_cli_builds_and_verifies(sources, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", argv)
     prepare_data.main()
     assert json.loads((data / "avmnist/manifest.json").read_text())["params"]["noise_snr_db"] == 5.0
-    monkeypatch.setattr(sys, "argv", ["prepare_data.py", "avmnist", "--mnist", str(mnist), "--data-dir", str(data)])
+    monkeypatch.setattr(
+        sys, "argv", ["prepare_data.py", "avmnist", "--mnist", str(mnist), "--data-dir", str(data)]
+    )
     with pytest.raises(SystemExit):
         prepare_data.main()
     assert "give both --mnist DIR and --fsdd DIR" in capsys.readouterr().err
 
 
 # -- the loader ---------------------------------------------------------------------------------
+
 
 def from_config(data_dir: Path, **over) -> AVMNISTDataModule:
     cfg = OmegaConf.load(ROOT / "configs" / "dataset" / "avmnist.yaml")
@@ -246,7 +270,12 @@ def test_loader_on_multibench_layout_without_manifest(tmp_path):
     assert dm.describe()["sizes"] == {"train": 50, "val": 10, "test": 20}
     assert dm.describe()["build"] == "multibench files (no manifest)" and len(dm.data_checksum) == 64
     batch = next(iter(dm.val_dataloader()))
-    assert batch["inputs"]["image"].shape == (10, 1, 28, 28) and batch["inputs"]["audio"].shape == (10, 1, 112, 112)
+    assert batch["inputs"]["image"].shape == (10, 1, 28, 28) and batch["inputs"]["audio"].shape == (
+        10,
+        1,
+        112,
+        112,
+    )
     assert all(x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1 for x in batch["inputs"].values())
     assert batch["target"].dtype == torch.int64
     raw = np.load(folder / "audio/train_data.npy")[50]
@@ -260,7 +289,9 @@ def test_loader_modality_subset_and_bad_split(tmp_path):
     dm = AVMNISTDataModule(data_dir=folder, modalities=["image"], num_train=25)
     dm.setup()
     assert set(dm.train_set[0]["inputs"]) == {"image"} and dm.input_dims == {"image": 784}
-    with pytest.raises(DatasetError, match=r"num_train=30 must leave both a training and a validation split of the 30"):
+    with pytest.raises(
+        DatasetError, match=r"num_train=30 must leave both a training and a validation split of the 30"
+    ):
         AVMNISTDataModule(data_dir=folder, modalities=["image"], num_train=30).setup()
     with pytest.raises(DatasetError, match=r"cannot select \['video'\]"):
         AVMNISTDataModule(data_dir=folder, modalities=["video"])
@@ -277,7 +308,9 @@ def test_loader_verifies_a_built_folder_against_its_manifest(sources, tmp_path):
     audio = np.load(out / "audio/test_data.npy")
     audio[3, 5, 7] ^= 1  # same shape, one bit changed
     np.save(out / "audio/test_data.npy", audio)
-    with pytest.raises(DatasetError, match=r"is corrupt: audio/test_data.npy .*prepare_data.py avmnist --mnist"):
+    with pytest.raises(
+        DatasetError, match=r"is corrupt: audio/test_data.npy .*prepare_data.py avmnist --mnist"
+    ):
         AVMNISTDataModule(data_dir=out, num_train=32).prepare_data()
     AVMNISTDataModule(data_dir=out, num_train=32, verify_checksums=False).prepare_data()
 
@@ -287,7 +320,10 @@ def test_missing_files_name_the_build_command(tmp_path):
         from_config(tmp_path / "nowhere").prepare_data()
     msg = str(e.value)
     assert "train_labels.npy" in msg and "audio/test_data.npy" in msg and str(tmp_path / "nowhere") in msg
-    assert "python scripts/prepare_data.py avmnist --mnist ../shared/data/mnist --fsdd ../shared/data/fsdd" in msg
+    assert (
+        "python scripts/prepare_data.py avmnist --mnist ../shared/data/mnist --fsdd ../shared/data/fsdd"
+        in msg
+    )
 
 
 def test_wrong_shapes_are_explained(tmp_path):

@@ -63,7 +63,7 @@ def no_grad_params(model: nn.Module, allowed: set[str] = frozenset()) -> list[st
 
 
 def total_loss(model: nn.Module, out) -> torch.Tensor:
-    """What `FusionTask` minimises (aux_weight 1)."""
+    """What `FusionTask` minimises: the task loss plus the model's aux_loss."""
     loss = nn.functional.cross_entropy(out.logits, targets())
     if out.aux_loss is not None:
         loss = loss + out.aux_loss
@@ -191,7 +191,7 @@ def test_refnet_needs_input_shapes_for_lenet_and_checks_them():
 
 def test_mfm_sizes_follow_multibench():
     model = build("mfm")
-    assert {m: (l.in_features, l.out_features) for m, l in model.to_latent.items()} == {
+    assert {m: (lin.in_features, lin.out_features) for m, lin in model.to_latent.items()} == {
         "audio": (192, 200),
         "image": (48, 200),
     }
@@ -288,15 +288,15 @@ def test_mfas_needs_layered_encoders_and_valid_layers():
 def test_gb_heads_follow_multibench():
     model = build("gradient_blend")
     assert model.fused_dim == 240 and model.heads == ["audio", "image", "fused"]
-    assert [(l.in_features, l.out_features) for l in model.head if isinstance(l, nn.Linear)] == [
+    assert [(lin.in_features, lin.out_features) for lin in model.head if isinstance(lin, nn.Linear)] == [
         (240, 100),
         (100, 10),
     ]
     assert [
-        (l.in_features, l.out_features) for l in model.uni_heads["image"] if isinstance(l, nn.Linear)
+        (lin.in_features, lin.out_features) for lin in model.uni_heads["image"] if isinstance(lin, nn.Linear)
     ] == [(48, 100), (100, 10)]
     assert [
-        (l.in_features, l.out_features) for l in model.uni_heads["audio"] if isinstance(l, nn.Linear)
+        (lin.in_features, lin.out_features) for lin in model.uni_heads["audio"] if isinstance(lin, nn.Linear)
     ] == [(192, 100), (100, 10)]
     assert torch.allclose(model.blend_weights, torch.full((3,), 1 / 3))
     assert "blend_weights" in model.state_dict()
@@ -343,8 +343,8 @@ def test_gb_callback_reestimates_weights_of_a_profusion_wrapped_model(form):
 
     import pytorch_lightning as pl
 
-    from fusionbench.gradient_blend_callback import GradientBlendCallback
     from fusionbench.data import SyntheticDataModule
+    from fusionbench.fusion.gradient_blend.callback import GradientBlendCallback
     from fusionbench.task import FusionTask
 
     dm = SyntheticDataModule(
@@ -387,11 +387,14 @@ def test_gb_callback_reestimates_weights_of_a_profusion_wrapped_model(form):
     assert "gb/heldout_loss_fused" in trainer.callback_metrics
 
 
-def test_gb_callback_refuses_other_fusions():
-    from fusionbench.gradient_blend_callback import GradientBlendCallback
+def test_gb_callback_leaves_other_fusions_alone_and_refuses_two_blends():
+    from fusionbench.fusion.gradient_blend.callback import GradientBlendCallback
 
-    with pytest.raises(ConfigError, match="GradientBlendFusion"):
-        GradientBlendCallback.blend_model(build("refnet"))
+    assert (
+        GradientBlendCallback.blend_model(build("refnet")) is None
+    )  # in every run's callbacks: a no-op there
+    with pytest.raises(ConfigError, match="drives one GradientBlendFusion; this model holds 2"):
+        GradientBlendCallback.blend_model(nn.ModuleList([build("gradient_blend"), build("gradient_blend")]))
     with pytest.raises(ConfigError, match="weights must name"):
         GradientBlendFusion(lenet_encoders(), 10, init_weights={"audio": 1.0, "fused": 1.0})
 

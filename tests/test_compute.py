@@ -1,5 +1,6 @@
 """Compute accounting (`fusionbench.compute`): MAdds match hand counts on small nets, are taken at
 batch 1, and every run record stores them."""
+
 from __future__ import annotations
 
 import json
@@ -153,7 +154,10 @@ def test_model_compute_uses_batch_one_of_the_test_split(make_cfg):
 def test_run_record_stores_compute_and_bigger_models_count_more(tmp_path):
     records = {}
     for fusion in ("concat", "tensor"):
-        cfg = compose_cfg(["dataset=synthetic", f"fusion={fusion}", *FAST, "trainer.max_epochs=1"], output_dir=tmp_path / fusion)
+        cfg = compose_cfg(
+            ["dataset=synthetic", f"fusion={fusion}", *FAST, "trainer.max_epochs=1"],
+            output_dir=tmp_path / fusion,
+        )
         result, objs = train(cfg)
         with open(os.path.join(cfg.paths.output_dir, "metrics.json")) as f:
             records[fusion] = json.load(f)["compute"]

@@ -1,4 +1,5 @@
 """Every config group option composes and instantiates; experiments compose; the CLI explains bad input."""
+
 from __future__ import annotations
 
 import os
@@ -7,10 +8,10 @@ import sys
 
 import pytest
 import torch
+from conftest import compose_cfg
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import compose_cfg
 from fusionbench import ROOT
 from fusionbench.errors import ConfigError
 from fusionbench.train import build, build_encoders
@@ -42,7 +43,9 @@ def test_backbone_override_still_wins_and_mismatch_is_explained():
     assert sorted(cfg.backbone) == ["meth", "mirna", "mrna"]
     dm = instantiate(cfg.dataset, _convert_="all")
     dm.setup()
-    with pytest.raises(ConfigError, match=r"modalities \['audio', 'image', 'text'\].*missing \['audio', 'image', 'text'\]"):
+    with pytest.raises(
+        ConfigError, match=r"modalities \['audio', 'image', 'text'\].*missing \['audio', 'image', 'text'\]"
+    ):
         build_encoders(cfg.backbone, dm)
 
 
@@ -57,10 +60,16 @@ def test_explicit_input_dim_must_match_the_data():
 @pytest.mark.parametrize("fusion", options("fusion"))
 def test_every_fusion_builds_on_synthetic(fusion):
     extra = ["dataset.modalities=[text]"] if fusion == "unimodal" else []
-    if fusion.startswith("early_sequence") or fusion == "mult":  # stacks equal-length series (B, T, 1) along the feature axis
+    if (
+        fusion.startswith("early_sequence") or fusion == "mult"
+    ):  # stacks equal-length series (B, T, 1) along the feature axis
         extra = ["dataset.shapes={audio: [12, 1], image: [12, 1], text: [12, 1]}"]
     if fusion == "mfas":  # fuses intermediate LeNet layers: AV-MNIST-shaped data, LeNet backbone
-        extra = ["dataset.shapes={audio: [1, 112, 112], image: [1, 28, 28]}", "dataset.modalities=[audio,image]", "backbone=avmnist"]
+        extra = [
+            "dataset.shapes={audio: [1, 112, 112], image: [1, 28, 28]}",
+            "dataset.modalities=[audio,image]",
+            "backbone=avmnist",
+        ]
     cfg = compose_cfg(["dataset=synthetic", f"fusion={fusion}", *extra])
     dm, task = build(cfg)
     batch = next(iter(dm.train_dataloader()))
@@ -105,7 +114,15 @@ def test_every_logger_instantiates(logger, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("callbacks", options("callbacks"))
 def test_callbacks_follow_the_dataset_monitor(callbacks, tmp_path):
-    cfg = compose_cfg([f"callbacks={callbacks}", "dataset=synthetic", "dataset.monitor.metric=val/acc", "dataset.monitor.mode=max"], tmp_path)
+    cfg = compose_cfg(
+        [
+            f"callbacks={callbacks}",
+            "dataset=synthetic",
+            "dataset.monitor.metric=val/acc",
+            "dataset.monitor.mode=max",
+        ],
+        tmp_path,
+    )
     built = [instantiate(c) for c in (cfg.callbacks or {}).values()]
     monitored = [cb for cb in built if hasattr(cb, "monitor")]
     assert [cb.monitor for cb in monitored] == ["val/acc"] * (2 if callbacks == "default" else 0)
@@ -125,7 +142,9 @@ def test_slurm_launcher_and_seed_sweep_compose():
     assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.trainer.accelerator == "gpu"
     assert cfg.hydra.mode.name == "MULTIRUN"
     assert cfg.hydra.sweeper.params.seed == "range(0,5)"
-    assert OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["subdir"] == "${experiment_name}/seed=${seed}"
+    assert (
+        OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["subdir"] == "${experiment_name}/seed=${seed}"
+    )
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
@@ -141,7 +160,10 @@ def run_cli(*args: str, tmp_path) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args, "logger=none", f"hydra.run.dir={tmp_path}/run"],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
 
 

@@ -1,4 +1,5 @@
 """Loaders on fixtures written in the real MOGONET format, on the real ROSMAP files, and their errors."""
+
 from __future__ import annotations
 
 import shutil
@@ -7,10 +8,10 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from conftest import mogonet_kwargs, write_mogonet_fixture
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import mogonet_kwargs, write_mogonet_fixture
 from fusionbench import ROOT
 from fusionbench.data import MogonetDataModule, SyntheticDataModule
 from fusionbench.data.base import git_blob_id, stratified_split
@@ -36,6 +37,7 @@ def rosmap() -> MogonetDataModule:
 
 
 # -- MOGONET layout on fixtures ------------------------------------------------------------------
+
 
 def test_fixture_loads_with_batch_contract(mogonet_dir):
     dm = MogonetDataModule(**mogonet_kwargs(mogonet_dir))
@@ -92,6 +94,7 @@ def test_unknown_view_is_rejected(mogonet_dir):
 
 # -- bad input ----------------------------------------------------------------------------------
 
+
 def test_missing_files_message(tmp_path):
     dm = MogonetDataModule(**mogonet_kwargs(tmp_path / "nowhere", how_to_get="Get it from X."))
     with pytest.raises(DatasetError) as e:
@@ -110,7 +113,9 @@ def test_wrong_number_of_rows(mogonet_dir):
 
 def test_wrong_number_of_columns(mogonet_dir):
     with pytest.raises(DatasetError, match=r"3_tr.csv \(mirna\) has 4 columns, expected 7"):
-        MogonetDataModule(**mogonet_kwargs(mogonet_dir, feature_dims={"mrna": 6, "meth": 5, "mirna": 7})).setup()
+        MogonetDataModule(
+            **mogonet_kwargs(mogonet_dir, feature_dims={"mrna": 6, "meth": 5, "mirna": 7})
+        ).setup()
 
 
 def test_labels_out_of_range(mogonet_dir):
@@ -131,7 +136,9 @@ def test_nan_and_garbage_are_rejected(mogonet_dir):
 
 
 def test_checksums_sha256_and_git_blob(mogonet_dir):
-    blob = subprocess.run(["git", "hash-object", str(mogonet_dir / "1_tr.csv")], capture_output=True, text=True).stdout.strip()
+    blob = subprocess.run(
+        ["git", "hash-object", str(mogonet_dir / "1_tr.csv")], capture_output=True, text=True
+    ).stdout.strip()
     assert git_blob_id(mogonet_dir / "1_tr.csv") == blob
     good = {"1_tr.csv": f"git:{blob}"}
     MogonetDataModule(**mogonet_kwargs(mogonet_dir, checksums=good)).prepare_data()
@@ -142,6 +149,7 @@ def test_checksums_sha256_and_git_blob(mogonet_dir):
 
 
 # -- real ROSMAP ----------------------------------------------------------------------------------
+
 
 def test_real_rosmap():
     dm = rosmap()
@@ -174,8 +182,12 @@ def test_brca_without_files_explains_where_to_get_them(tmp_path):
 
 def test_brca_config_reads_brca_shaped_fixture(tmp_path):
     """The BRCA config (1000/1000/503 features, 5 classes) on a fixture of those shapes."""
-    folder = write_mogonet_fixture(tmp_path / "brca", n_tr=612, n_te=263, dims=(1000, 1000, 503), num_classes=5)
-    dm = from_config("brca", folder, verify_checksums=False)  # fixture content differs from the published files
+    folder = write_mogonet_fixture(
+        tmp_path / "brca", n_tr=612, n_te=263, dims=(1000, 1000, 503), num_classes=5
+    )
+    dm = from_config(
+        "brca", folder, verify_checksums=False
+    )  # fixture content differs from the published files
     dm.setup()
     assert dm.num_outputs == 5
     assert dm.input_dims == {"mrna": 1000, "meth": 1000, "mirna": 503}

@@ -1,4 +1,5 @@
 """DEQ fusion: fixed points, implicit gradients, ablation switches, solver failures, MM-Dynamics."""
+
 from __future__ import annotations
 
 import itertools
@@ -20,7 +21,9 @@ def identity_encoders(n: int = 2, width: int = WIDTH) -> nn.ModuleDict:
 
 def inputs(n: int = 2, batch: int = 4, width: int = WIDTH, dtype=None, grad=False) -> dict[str, torch.Tensor]:
     g, dtype = torch.Generator().manual_seed(7), dtype or torch.get_default_dtype()
-    return {f"m{i}": torch.randn(batch, width, generator=g, dtype=dtype).requires_grad_(grad) for i in range(n)}
+    return {
+        f"m{i}": torch.randn(batch, width, generator=g, dtype=dtype).requires_grad_(grad) for i in range(n)
+    }
 
 
 def contractive(model: DEQFusion, scale: float = 0.3) -> DEQFusion:
@@ -32,7 +35,16 @@ def contractive(model: DEQFusion, scale: float = 0.3) -> DEQFusion:
 
 
 def tight(**kw) -> dict:
-    return dict(f_max_iter=200, b_max_iter=200, f_tol=1e-11, b_tol=1e-11, f_stop_mode="abs", b_stop_mode="abs", max_failures=10**9, **kw)
+    return dict(
+        f_max_iter=200,
+        b_max_iter=200,
+        f_tol=1e-11,
+        b_tol=1e-11,
+        f_stop_mode="abs",
+        b_stop_mode="abs",
+        max_failures=10**9,
+        **kw,
+    )
 
 
 @pytest.fixture
@@ -60,14 +72,16 @@ def test_returned_state_is_a_fixed_point():
 def test_implicit_gradients_match_a_long_unrolled_solve(float64, residual):
     torch.manual_seed(0)
     deq = contractive(DEQFusion(identity_encoders(), num_outputs=3, residual=residual, **tight()))
-    unrolled = DEQFusion(identity_encoders(), num_outputs=3, residual=residual, mode="unrolled", unroll_steps=400)
+    unrolled = DEQFusion(identity_encoders(), num_outputs=3, residual=residual, mode="unrolled", depth=400)
     unrolled.load_state_dict(deq.state_dict())
     x = inputs(dtype=torch.float64, grad=True)
     wrt = lambda m: [x["m0"], x["m1"], m.lin1.weight, m.gate.weight, m.fuse_lin.bias, m.inject_weights]  # noqa: E731
     g_ift = torch.autograd.grad(deq(x).logits.square().sum(), wrt(deq))
     g_unr = torch.autograd.grad(unrolled(x).logits.square().sum(), wrt(unrolled))
     for a, b in zip(g_ift, g_unr):
-        assert float((a - b).norm() / b.norm()) < (1e-4 if residual else 1e-8)  # residual=True contracts slower
+        assert float((a - b).norm() / b.norm()) < (
+            1e-4 if residual else 1e-8
+        )  # residual=True contracts slower
 
 
 def test_implicit_gradient_matches_finite_differences(float64):
@@ -78,7 +92,10 @@ def test_implicit_gradient_matches_finite_differences(float64):
     g = torch.autograd.grad(model(x).logits.sum(), x["m0"])[0]
     eps = 1e-6
     for idx in [(0, 0), (1, 5), (0, 33)]:
-        plus, minus = {k: v.detach().clone() for k, v in x.items()}, {k: v.detach().clone() for k, v in x.items()}
+        plus, minus = (
+            {k: v.detach().clone() for k, v in x.items()},
+            {k: v.detach().clone() for k, v in x.items()},
+        )
         plus["m0"][idx] += eps
         minus["m0"][idx] -= eps
         with torch.no_grad():
@@ -89,7 +106,9 @@ def test_implicit_gradient_matches_finite_differences(float64):
 def test_phantom_gradient_points_the_same_way(float64):
     torch.manual_seed(0)
     ift = contractive(DEQFusion(identity_encoders(), num_outputs=3, **tight()))
-    phantom = DEQFusion(identity_encoders(), num_outputs=3, grad="phantom", phantom_steps=20, phantom_tau=1.0, **tight())
+    phantom = DEQFusion(
+        identity_encoders(), num_outputs=3, grad="phantom", phantom_steps=20, phantom_tau=1.0, **tight()
+    )
     phantom.load_state_dict(ift.state_dict())
     x = inputs(dtype=torch.float64)
     a = torch.autograd.grad(ift(x).logits.square().sum(), ift.lin1.weight)[0].flatten()
@@ -112,7 +131,14 @@ def test_recursion_off_is_one_application_from_zero():
 
 
 def test_everything_off_is_the_weighted_sum():
-    model = DEQFusion(identity_encoders(), num_outputs=2, use_f_theta=False, use_f_fuse=False, recursion=False, inject_norm=False)
+    model = DEQFusion(
+        identity_encoders(),
+        num_outputs=2,
+        use_f_theta=False,
+        use_f_fuse=False,
+        recursion=False,
+        inject_norm=False,
+    )
     with torch.no_grad():
         model.inject_weights.copy_(torch.tensor([2.0, -1.0]))
     x = inputs()
@@ -128,24 +154,33 @@ def test_ablated_parts_hold_no_parameters_and_act_as_the_paper_says():
     assert torch.equal(no_theta.f_theta(torch.randn_like(xs), xs), xs)  # z_i = x_i
     no_fuse = DEQFusion(identity_encoders(), num_outputs=2, use_f_fuse=False)
     assert not hasattr(no_fuse, "fuse_lin")
-    assert torch.allclose(no_fuse.f_fuse(torch.randn(4, WIDTH), xs, xs.sum(1)), xs.sum(1))  # z_fuse = sum_i w_i z_i
+    assert torch.allclose(
+        no_fuse.f_fuse(torch.randn(4, WIDTH), xs, xs.sum(1)), xs.sum(1)
+    )  # z_fuse = sum_i w_i z_i
     no_gate = DEQFusion(identity_encoders(), num_outputs=2, use_gate=False)
     assert no_gate.gate is None
 
 
 @pytest.mark.parametrize(
     "switches",
-    [dict(zip(("use_f_theta", "use_f_fuse", "recursion", "use_gate"), v)) for v in itertools.product([True, False], repeat=4)],
+    [
+        dict(zip(("use_f_theta", "use_f_fuse", "recursion", "use_gate"), v))
+        for v in itertools.product([True, False], repeat=4)
+    ],
 )
 @pytest.mark.parametrize("mode", ["deq", "unrolled"])
 def test_every_ablation_runs_forward_and_backward(switches, mode):
     torch.manual_seed(0)
-    model = DEQFusion(identity_encoders(3, 16), num_outputs=2, mode=mode, unroll_steps=3, f_max_iter=8, jac_weight=1.0, **switches)
+    model = DEQFusion(
+        identity_encoders(3, 16), num_outputs=2, mode=mode, depth=3, f_max_iter=8, jac_weight=1.0, **switches
+    )
     x = inputs(3, width=16, grad=True)
     out = model(x)
     loss = out.logits.square().sum() + (out.aux_loss if out.aux_loss is not None else 0)
     loss.backward()
-    assert torch.isfinite(out.logits).all() and x["m0"].grad is not None and torch.isfinite(x["m0"].grad).all()
+    assert (
+        torch.isfinite(out.logits).all() and x["m0"].grad is not None and torch.isfinite(x["m0"].grad).all()
+    )
     used = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert {"head.0.weight", "inject_weights"} <= used
 
@@ -165,7 +200,16 @@ def test_jacobian_penalty_reaches_the_layer_parameters():
 
 def test_batch_global_residual_mode_uses_one_norm_for_the_batch():
     torch.manual_seed(0)
-    model = contractive(DEQFusion(identity_encoders(), num_outputs=2, residual_norm="batch", f_stop_mode="abs", f_tol=1e-4, f_max_iter=100))
+    model = contractive(
+        DEQFusion(
+            identity_encoders(),
+            num_outputs=2,
+            residual_norm="batch",
+            f_stop_mode="abs",
+            f_tol=1e-4,
+            f_max_iter=100,
+        )
+    )
     _, _, info = model.eval().combine(inputs(batch=5))
     # the batch is solved as one vector, so every sample reports the same step count
     assert float(info["deq/nstep"]) == int(info["deq/nstep"])
@@ -175,7 +219,11 @@ def test_batch_global_residual_mode_uses_one_norm_for_the_batch():
 @pytest.mark.parametrize("solver", ["anderson", "broyden", "fixed_point_iter"])
 def test_every_solver_converges_on_a_contraction(solver):
     torch.manual_seed(0)
-    model = contractive(DEQFusion(identity_encoders(), num_outputs=2, f_solver=solver, b_solver=solver, f_tol=1e-5, f_max_iter=200))
+    model = contractive(
+        DEQFusion(
+            identity_encoders(), num_outputs=2, f_solver=solver, b_solver=solver, f_tol=1e-5, f_max_iter=200
+        )
+    )
     _, _, info = model.eval().combine(inputs())
     assert float(info["deq/converged"]) == 1.0
 
@@ -188,7 +236,11 @@ def test_non_convergence_is_counted_then_stops_training():
         assert float(model(x).info["deq/f_failed"]) == 1.0  # every sample's solve failed
     assert model.consecutive_failures == 2
     summary = model.forward_stats["train"].summary()
-    assert (summary["solves"], summary["converged"], summary["fallback"]) == (8.0, 0.0, 1.0)  # 2 steps x 4 samples
+    assert (summary["solves"], summary["converged"], summary["fallback"]) == (
+        8.0,
+        0.0,
+        1.0,
+    )  # 2 steps x 4 samples
     with pytest.raises(TrainingError, match="3 consecutive training steps.*fusion.f_max_iter.*jac_weight"):
         model(x)
     model.eval()
@@ -201,7 +253,9 @@ def test_injected_features_are_normalised_so_their_scale_does_not_matter():
     model = contractive(DEQFusion(identity_encoders(), num_outputs=2, f_tol=1e-6, f_max_iter=100)).eval()
     x = inputs()
     xs, x_fuse = model.inputs(x)
-    groups = xs.reshape(4, 2, 4, WIDTH // 4)  # 4 GroupNorm groups per modality, affine at its initial identity
+    groups = xs.reshape(
+        4, 2, 4, WIDTH // 4
+    )  # 4 GroupNorm groups per modality, affine at its initial identity
     assert torch.allclose(groups.mean(-1), torch.zeros(4, 2, 4), atol=1e-5)
     assert torch.allclose(groups.var(-1, unbiased=False), torch.ones(4, 2, 4), atol=1e-3)
     assert torch.allclose(x_fuse, xs.sum(1))  # eq. 12 on the normalised features, w_i = 1
@@ -212,7 +266,9 @@ def test_injected_features_are_normalised_so_their_scale_does_not_matter():
 
 
 def test_encoder_dropout_overrides_the_backbone_rate():
-    encoders = lambda: nn.ModuleDict({m: MLPEncoder(6, hidden_dims=[8, WIDTH], dropout=0.3) for m in ("a", "b")})  # noqa: E731
+    def encoders() -> nn.ModuleDict:
+        return nn.ModuleDict({m: MLPEncoder(6, hidden_dims=[8, WIDTH], dropout=0.3) for m in ("a", "b")})
+
     rates = lambda model: {mod.p for mod in model.encoders.modules() if isinstance(mod, nn.Dropout)}  # noqa: E731
     assert rates(DEQFusion(encoders(), num_outputs=2)) == {0.0}  # default: no dropout on the injection
     assert rates(DEQFusion(encoders(), num_outputs=2, encoder_dropout=0.1)) == {0.1}
@@ -225,7 +281,10 @@ def _param_grads(model: DEQFusion, x) -> list[torch.Tensor]:
     model.zero_grad()
     out = model(x)
     (out.logits.square().sum() + out.logits[:, 0].sum()).backward()
-    return [p.grad.clone() for p in (model.lin1.weight, model.gate.weight, model.fuse_lin.weight, model.inject_weights)]
+    return [
+        p.grad.clone()
+        for p in (model.lin1.weight, model.gate.weight, model.fuse_lin.weight, model.inject_weights)
+    ]
 
 
 def test_backward_solves_are_checked_and_counted(float64):
@@ -244,13 +303,21 @@ def test_failed_backward_solve_falls_back_to_the_phantom_gradient(float64):
     base = contractive(DEQFusion(identity_encoders(), num_outputs=2, **tight()))
     x = inputs()
     # one adjoint step cannot reach a 1e-12 residual: every sample falls back ...
-    failing = DEQFusion(identity_encoders(), num_outputs=2, **{**tight(), "b_max_iter": 1}, b_failure_tol=1e-12,
-                        phantom_steps=7, phantom_tau=0.6)
+    failing = DEQFusion(
+        identity_encoders(),
+        num_outputs=2,
+        **{**tight(), "b_max_iter": 1},
+        b_failure_tol=1e-12,
+        phantom_steps=7,
+        phantom_tau=0.6,
+    )
     failing.load_state_dict(base.state_dict())
     fallback = _param_grads(failing, x)
     assert failing.backward_stats.summary()["fallback"] == 1.0
     # ... to exactly the phantom gradient (7 damped steps at the fixed point, differentiated)
-    phantom = DEQFusion(identity_encoders(), num_outputs=2, **tight(), grad="phantom", phantom_steps=7, phantom_tau=0.6)
+    phantom = DEQFusion(
+        identity_encoders(), num_outputs=2, **tight(), grad="phantom", phantom_steps=7, phantom_tau=0.6
+    )
     phantom.load_state_dict(base.state_dict())
     for a, b in zip(fallback, _param_grads(phantom, x)):
         assert torch.allclose(a, b, atol=1e-8)
@@ -259,7 +326,7 @@ def test_failed_backward_solve_falls_back_to_the_phantom_gradient(float64):
 
 
 def test_phantom_series_is_the_damped_neumann_sum(float64):
-    from fusionbench.fusion.deq_solve import phantom_series
+    from fusionbench.fusion.deq.solve import phantom_series
 
     J = torch.randn(5, 5) * 0.3
     grad = torch.randn(1, 5)
@@ -272,7 +339,7 @@ def test_phantom_series_is_the_damped_neumann_sum(float64):
 def test_fixed_iteration_anderson_matches_torchdeq_on_a_contraction(float64):
     from torchdeq.solver import get_solver
 
-    from fusionbench.fusion.deq_solve import anderson_fixed
+    from fusionbench.fusion.deq.solve import anderson_fixed
 
     torch.manual_seed(0)
     A = torch.randn(3, 10, 10) * 0.1
@@ -288,7 +355,9 @@ def test_fixed_iteration_anderson_matches_torchdeq_on_a_contraction(float64):
 def test_fixed_iteration_path_gives_the_eager_fixed_point_and_gradients(float64):
     torch.manual_seed(0)
     eager = contractive(DEQFusion(identity_encoders(), num_outputs=2, **tight()))
-    fast = DEQFusion(identity_encoders(), num_outputs=2, **tight(), fixed_iterations=True)  # 200 steps each way
+    fast = DEQFusion(
+        identity_encoders(), num_outputs=2, **tight(), fixed_iterations=True
+    )  # 200 steps each way
     fast.load_state_dict(eager.state_dict())
     x = inputs()
     fused, _, info = fast.combine(x)
@@ -304,7 +373,7 @@ def test_fixed_iteration_path_gives_the_eager_fixed_point_and_gradients(float64)
 
 
 def test_small_solve_matches_lapack_on_spd_systems(float64):
-    from fusionbench.fusion.deq_solve import small_solve
+    from fusionbench.fusion.deq.solve import small_solve
 
     torch.manual_seed(0)
     for n in (1, 2, 6):
@@ -318,16 +387,29 @@ def test_cuda_graph_option_needs_fixed_iterations_and_falls_back_on_cpu(float64)
     with pytest.raises(ConfigError, match="cuda_graph=true needs fusion.fixed_iterations=true"):
         DEQFusion(identity_encoders(), num_outputs=2, cuda_graph=True)
     torch.manual_seed(0)
-    fixed = contractive(DEQFusion(identity_encoders(), num_outputs=2, fixed_iterations=True, f_max_iter=20, b_max_iter=21))
-    graphed = DEQFusion(identity_encoders(), num_outputs=2, fixed_iterations=True, cuda_graph=True, f_max_iter=20, b_max_iter=21)
+    fixed = contractive(
+        DEQFusion(identity_encoders(), num_outputs=2, fixed_iterations=True, f_max_iter=20, b_max_iter=21)
+    )
+    graphed = DEQFusion(
+        identity_encoders(),
+        num_outputs=2,
+        fixed_iterations=True,
+        cuda_graph=True,
+        f_max_iter=20,
+        b_max_iter=21,
+    )
     graphed.load_state_dict(fixed.state_dict())
     x = inputs()
-    for a, b in zip(_param_grads(graphed, x), _param_grads(fixed, x)):  # CPU tensors: the eager fixed path, exactly
+    for a, b in zip(
+        _param_grads(graphed, x), _param_grads(fixed, x)
+    ):  # CPU tensors: the eager fixed path, exactly
         assert torch.equal(a, b)
     import copy
     import pickle
 
-    assert isinstance(pickle.loads(pickle.dumps(graphed)), DEQFusion) and copy.deepcopy(graphed)._graphs is None
+    assert (
+        isinstance(pickle.loads(pickle.dumps(graphed)), DEQFusion) and copy.deepcopy(graphed)._graphs is None
+    )
 
 
 def test_misspelt_or_invalid_knobs_fail():
@@ -372,7 +454,9 @@ def test_mmdynamics_losses_and_fusions():
         for m in ("meth", "mrna"):
             logits = out.extras["tcp_logits"][m]
             p = logits.softmax(1)[torch.arange(8), y]
-            view[m] = out.extras["gate"][m].mean() + ((out.extras["confidence"][m].squeeze(1) - p) ** 2).mean()
+            view[m] = (
+                out.extras["gate"][m].mean() + ((out.extras["confidence"][m].squeeze(1) - p) ** 2).mean()
+            )
             view[m] = view[m] + torch.nn.functional.cross_entropy(logits, y)
         assert torch.allclose(terms, view["meth"] + view["mrna"])
         # the public DEQ code's recursion r = 1.5: 1.5^2 CE + 1.5 (meth terms) + (mrna terms), CE added by the task
@@ -402,7 +486,9 @@ def test_dropout_mask_is_fixed_during_one_solve():
     assert mask is not None and set(mask.unique().tolist()) <= {0.0, 2.0}
     xs = torch.stack([x[m] for m in model.modalities], 1)
     state, x_fuse = torch.randn(4, 3, WIDTH), xs.sum(1)
-    assert torch.equal(model.layer(state, xs, x_fuse), model.layer(state, xs, x_fuse))  # same f within a solve
+    assert torch.equal(
+        model.layer(state, xs, x_fuse), model.layer(state, xs, x_fuse)
+    )  # same f within a solve
     model.eval()
     model.combine(x)
     assert model._drop_mask is None

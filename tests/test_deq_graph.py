@@ -6,6 +6,7 @@ float32 results differ by rounding; Anderson's float32 mixing solve and the back
 amplify that on a layer that is not a contraction (a sample passing its check on one path and falling back to the
 phantom gradient on the other). Hence float64 for the exact comparison, and a contractive layer in float32.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -15,7 +16,10 @@ from torch import nn
 from fusionbench.encoders import IdentityEncoder
 from fusionbench.fusion import DEQFusion
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
 
 
 def pair(dtype: torch.dtype, **kw) -> tuple[DEQFusion, DEQFusion]:
@@ -60,12 +64,18 @@ def test_graph_training_steps_match_the_eager_fixed_path(grad, dtype, tol):
         grad_diff.append(float((g_g - g_e).norm() / g_e.norm()))
         residuals.append((float(info_e["deq/rel_residual"]), float(info_g["deq/rel_residual"])))
     print(f"{grad}, {dtype}: relative gradient differences {grad_diff}; residuals (eager, graph) {residuals}")
-    assert max(grad_diff) < tol, f"gradients differ by {grad_diff} (relative); residuals (eager, graph) {residuals}"
+    assert max(grad_diff) < tol, (
+        f"gradients differ by {grad_diff} (relative); residuals (eager, graph) {residuals}"
+    )
     for r_e, r_g in residuals:
         assert r_g == pytest.approx(r_e, rel=0.1, abs=1e-6), f"residuals (eager, graph) {residuals}"
-    assert len(graphed._graphs.graphs) == (4 if grad == "ift" else 2)  # forward (+ backward) for two batch sizes, once each
+    assert len(graphed._graphs.graphs) == (
+        4 if grad == "ift" else 2
+    )  # forward (+ backward) for two batch sizes, once each
     if grad == "ift":
-        assert graphed.backward_stats.summary() == pytest.approx(eager.backward_stats.summary(), rel=1e-2, abs=1e-6)
+        assert graphed.backward_stats.summary() == pytest.approx(
+            eager.backward_stats.summary(), rel=1e-2, abs=1e-6
+        )
 
 
 def test_graph_eval_and_dropout_match_and_moving_the_module_drops_the_graphs():

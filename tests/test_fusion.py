@@ -1,4 +1,5 @@
 """Every fusion model: shapes, gradients to every parameter, order invariance, hand-computed values."""
+
 from __future__ import annotations
 
 import pytest
@@ -47,7 +48,11 @@ def test_shape_and_gradient_reaches_every_parameter(name):
     assert out.logits.shape == (3, 4)
     assert out.aux_loss is None and out.info == {}
     out.logits.square().sum().backward()
-    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0]
+    no_grad = [
+        n
+        for n, p in model.named_parameters()
+        if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0
+    ]
     assert no_grad == [], f"{name}: parameters without gradient: {no_grad}"
 
 

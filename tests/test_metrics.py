@@ -1,4 +1,5 @@
 """Metric collections and losses against values computed by hand."""
+
 from __future__ import annotations
 
 import math
@@ -56,8 +57,12 @@ def test_regression_metrics():
 
 def test_losses():
     logits = torch.tensor([[2.0, 0.0]])
-    assert float(task_loss("multiclass", logits, torch.tensor([0]))) == pytest.approx(math.log(1 + math.exp(-2)))
-    assert float(task_loss("multilabel", torch.tensor([[0.0]]), torch.tensor([[1]]))) == pytest.approx(math.log(2))
+    assert float(task_loss("multiclass", logits, torch.tensor([0]))) == pytest.approx(
+        math.log(1 + math.exp(-2))
+    )
+    assert float(task_loss("multilabel", torch.tensor([[0.0]]), torch.tensor([[1]]))) == pytest.approx(
+        math.log(2)
+    )
     assert float(task_loss("regression", torch.tensor([[3.0]]), torch.tensor([1.0]))) == pytest.approx(4.0)
 
 

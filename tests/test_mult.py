@@ -1,6 +1,7 @@
 """MulT (MultiBench's finance Multimodal Transformer): grouping of the stocks, widths and parameter count
 against MultiBench's model, a crossmodal block by hand, cross-group dependence and causality, gradients,
 Pro-Fusion around it (context at the group projections, W = 0 = the base model), errors, the config."""
+
 from __future__ import annotations
 
 import math
@@ -34,7 +35,7 @@ def multibench_grouping(x: torch.Tensor, n_groups: int) -> list[torch.Tensor]:
     """MultiBench's datasets.stocks.get_data.Grouping.forward on (B, T, n) stacked sorted stocks."""
     x = x.permute(2, 0, 1)
     n = len(x)
-    return [torch.stack(list(x[n * i // n_groups: n * (i + 1) // n_groups]), dim=2) for i in range(n_groups)]
+    return [torch.stack(list(x[n * i // n_groups : n * (i + 1) // n_groups]), dim=2) for i in range(n_groups)]
 
 
 # ---------------------------------------------------------------- structure
@@ -46,10 +47,16 @@ def test_shapes_and_widths():
     step = m.step(x)
     assert list(m.encoders) == ["g0", "g1", "g2"]
     assert all(e.shape == (B, T, 9) for e in step.embeddings.values())  # sequences, not vectors
-    assert m.fused_dim == 9 * 3 * 3 and step.fused.shape == (B, 81)  # every group attends to all 3 (MultiBench)
+    assert m.fused_dim == 9 * 3 * 3 and step.fused.shape == (
+        B,
+        81,
+    )  # every group attends to all 3 (MultiBench)
     assert m.head[-1].in_features == 81 and m(x).logits.shape == (B, 1)
     paper = model(attend_self=False, group_members=[["s00", "s01"], ["s02"], ["s03", "s04"]])
-    assert paper.fused_dim == 9 * 2 * 3 and paper(x).logits.shape == (B, 1)  # j != i only: 2 streams per target
+    assert paper.fused_dim == 9 * 2 * 3 and paper(x).logits.shape == (
+        B,
+        1,
+    )  # j != i only: 2 streams per target
     assert sorted(paper.cross["g0"]) == ["g1", "g2"] and sorted(m.cross["g0"]) == ["g0", "g1", "g2"]
 
 
@@ -57,6 +64,7 @@ def test_parameter_count_equals_multibench_mult_on_fnb():
     """MultiBench's MULTModel(3, [4, 4, 5]) with its defaults: crossmodal encoder (d = 9) = 3 layers of
     (attention 4*9*9+4*9, fc 9*36+36+36*9+9, 2 LayerNorms 4*9) + final LayerNorm 2*9; memory the same at d = 27;
     projections 13*9; residual block 2*(81*81+81); output layer 81+1."""
+
     def encoder(d: int) -> int:
         return 3 * ((4 * d * d + 4 * d) + (d * 4 * d + 4 * d + 4 * d * d + d) + 4 * d) + 2 * d
 
@@ -77,7 +85,10 @@ def test_groups_follow_multibench_grouping_of_the_sorted_stocks():
     assert all(torch.equal(ours[f"g{i}"], reference[i]) for i in range(3))
     assert [m.encoders[g].in_features for g in m.group_names] == [4, 4, 5]
     explicit = model(5, group_members=[["s04", "s00"], ["s01", "s02", "s03"]])
-    assert explicit.members == {"g0": ["s00", "s04"], "g1": ["s01", "s02", "s03"]} and explicit.fused_dim == 9 * 2 * 2
+    assert (
+        explicit.members == {"g0": ["s00", "s04"], "g1": ["s01", "s02", "s03"]}
+        and explicit.fused_dim == 9 * 2 * 2
+    )
 
 
 def test_group_projection_is_bias_free_and_feeds_the_fusion():
@@ -100,7 +111,9 @@ def test_positions_are_mults_table_from_position_one():
     t = torch.arange(1, T + 1, dtype=torch.float32)
     assert table.shape == (T, 9)
     assert torch.allclose(table[:, 0], torch.sin(t)) and torch.allclose(table[:, 4], torch.cos(t))
-    assert torch.allclose(table[:, 3], torch.sin(t / 10000.0)) and torch.allclose(table[:, 7], torch.cos(t / 10000.0))
+    assert torch.allclose(table[:, 3], torch.sin(t / 10000.0)) and torch.allclose(
+        table[:, 7], torch.cos(t / 10000.0)
+    )
     assert torch.equal(table[:, 8], torch.zeros(T))  # odd width: a zero column
 
 
@@ -135,7 +148,9 @@ def test_crossmodal_output_depends_on_the_source_group_causally():
     out = cm(emb["g0"], emb["g1"])
     assert torch.equal(out, cm(emb["g0"], emb["g1"]))  # eval: deterministic
     later = emb["g1"].clone()
-    later[:, -1] += torch.randn(B, 9)  # change only the source's last step (a constant shift would be normalised away)
+    later[:, -1] += torch.randn(
+        B, 9
+    )  # change only the source's last step (a constant shift would be normalised away)
     moved = cm(emb["g0"], later)
     assert torch.allclose(moved[:, :-1], out[:, :-1], atol=1e-6)  # causal: earlier steps cannot see it
     assert not torch.allclose(moved[:, -1], out[:, -1])
@@ -147,7 +162,9 @@ def test_crossmodal_output_depends_on_the_source_group_causally():
         assert not torch.allclose(m(y).logits, m(x).logits)
         # and it reaches target g0 through CM_{g2 -> g0}: g0's own projection is unchanged
         assert torch.equal(m.encode(y)["g0"], emb["g0"])
-        assert not torch.allclose(m.cross["g0"]["g2"](emb["g0"], m.encode(y)["g2"]), m.cross["g0"]["g2"](emb["g0"], emb["g2"]))
+        assert not torch.allclose(
+            m.cross["g0"]["g2"](emb["g0"], m.encode(y)["g2"]), m.cross["g0"]["g2"](emb["g0"], emb["g2"])
+        )
 
 
 def test_gradients_reach_every_parameter():
@@ -213,15 +230,21 @@ def test_errors_are_clear():
         m(dict(x, s04=torch.randn(B, T + 1, 1)))
     with pytest.raises(ConfigError, match=r"'s04' as \(batch, time, 1\)"):
         m(dict(x, s04=torch.randn(B, T, 2)))
-    assert m({k: v[..., 0] for k, v in x.items()}).logits.shape == (B, 1)  # (B, T) reads as one feature per step
+    assert m({k: v[..., 0] for k, v in x.items()}).logits.shape == (
+        B,
+        1,
+    )  # (B, T) reads as one feature per step
 
 
 def test_configs_compose_on_the_fnb_backbone():
     cfg = compose_cfg(["dataset=stocks", "fusion=mult"])
     encoders = {k: instantiate(v) for k, v in cfg.backbone.items()}
     m = instantiate(cfg.fusion, encoders=encoders, num_outputs=1, _convert_="all")
-    assert m.members == {"g0": ["cag", "cpb", "dri", "gis"], "g1": ["hrl", "hsy", "k", "mcd"],
-                         "g2": ["mkc", "sbux", "sjm", "tsn", "yum"]}
+    assert m.members == {
+        "g0": ["cag", "cpb", "dri", "gis"],
+        "g1": ["hrl", "hsy", "k", "mcd"],
+        "g2": ["mkc", "sbux", "sjm", "tsn", "yum"],
+    }
     assert (m.fused_dim, len(m.cross["g0"]["g1"].layers), len(m.memory["g0"].layers)) == (81, 3, 3)
     pro = compose_cfg(["dataset=stocks", "fusion=profusion", "fusion.base=mult"])
     wrapped = instantiate(pro.fusion, encoders=encoders, num_outputs=1, _convert_="all")

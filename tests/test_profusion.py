@@ -1,5 +1,6 @@
 """Pro-Fusion: exact reduction to the base model, where the context goes, the iterative ablation,
 gradients through the unroll, errors; the synthetic study datasets; curve tables."""
+
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import FAST
 from torch import nn
 
 from fusionbench.data import GenerativeDataModule, LatticeDataModule
@@ -14,8 +16,7 @@ from fusionbench.data.lattice import first_nonzero_digit, position_embedding
 from fusionbench.encoders import ContextJoin, IdentityEncoder, LeNetEncoder, MLPEncoder
 from fusionbench.errors import ConfigError, DatasetError
 from fusionbench.fusion import ProFusion
-from fusionbench.results import build_tables
-from conftest import FAST
+from fusionbench.tables import build_tables
 
 BASES = ["concat", "early", "sum", "weighted_sum", "tensor", "lowrank", "deq", "mmdynamics", "mmdynamics_deq"]
 
@@ -116,7 +117,9 @@ def test_iterative_ablation_keeps_modalities_apart():
     x = batch()
     x2 = {"a": x["a"], "b": x["b"] + 1.0}
     for feedback, crosses in (("own", False), ("fused", True)):
-        model = ProFusion(mlp_encoders(), 3, base="concat", unroll_steps=3, context_dim=4, feedback=feedback).eval()
+        model = ProFusion(
+            mlp_encoders(), 3, base="concat", unroll_steps=3, context_dim=4, feedback=feedback
+        ).eval()
         emb = model.unroll(x)[-1].embeddings["a"]
         emb2 = model.unroll(x2)[-1].embeddings["a"]
         assert torch.allclose(emb, emb2) is not crosses
@@ -169,7 +172,9 @@ def test_encoder_without_context_support_is_refused():
 def test_profusion_composes_and_trains_from_the_cli_config(make_cfg):
     from fusionbench.train import train
 
-    cfg = make_cfg(["dataset=synthetic", "fusion=profusion", "fusion.base=lowrank", "fusion.unroll_steps=3", *FAST])
+    cfg = make_cfg(
+        ["dataset=synthetic", "fusion=profusion", "fusion.base=lowrank", "fusion.unroll_steps=3", *FAST]
+    )
     result, objs = train(cfg)
     model = objs["task"].model
     assert isinstance(model, ProFusion) and model.unroll_steps == 3
@@ -186,7 +191,9 @@ def test_first_nonzero_digit_by_hand():
 
 
 def test_lattice_label_is_the_digit_at_the_embedded_position():
-    dm = LatticeDataModule(lattice_size=8, embedding_dim=6, num_samples={"train": 50, "val": 10, "test": 10}, seed=3)
+    dm = LatticeDataModule(
+        lattice_size=8, embedding_dim=6, num_samples={"train": 50, "val": 10, "test": 10}, seed=3
+    )
     dm.setup()
     ds = dm.train_set
     f, emb, y = ds.inputs["function"], ds.inputs["position"], ds.target
@@ -194,13 +201,21 @@ def test_lattice_label_is_the_digit_at_the_embedded_position():
     table = {tuple(e.tolist()): p for p, e in enumerate(position_embedding(torch.arange(8), 6))}
     positions = torch.tensor([table[tuple(e.tolist())] for e in emb])
     assert torch.equal(y, (torch.floor(10 * f[torch.arange(50), positions].double()).long() - 1))
-    dm2 = LatticeDataModule(lattice_size=8, embedding_dim=6, num_samples={"train": 50, "val": 10, "test": 10}, seed=3)
+    dm2 = LatticeDataModule(
+        lattice_size=8, embedding_dim=6, num_samples={"train": 50, "val": 10, "test": 10}, seed=3
+    )
     dm2.setup()
     assert torch.equal(dm2.train_set.inputs["function"], f)
 
 
 def test_generative_model_follows_eqs_1_to_5():
-    kw = dict(latent_dim=3, x_dims={"x1": 4, "x2": 4}, y_dim=2, num_samples={"train": 64, "val": 8, "test": 8}, seed=1)
+    kw = dict(
+        latent_dim=3,
+        x_dims={"x1": 4, "x2": 4},
+        y_dim=2,
+        num_samples={"train": 64, "val": 8, "test": 8},
+        seed=1,
+    )
     clean = GenerativeDataModule(eta=0.0, sigma2=0.0, **kw)
     corrupt = GenerativeDataModule(eta=1.5, sigma2=0.0, **kw)
     clean.setup(), corrupt.setup()
@@ -219,7 +234,9 @@ def test_generative_model_follows_eqs_1_to_5():
 def _run(root, experiment, seed, **metrics):
     folder = root / "results" / "runs" / experiment / f"seed={seed}"
     folder.mkdir(parents=True)
-    (folder / "metrics.json").write_text(json.dumps({"status": "complete", "experiment_name": experiment, "seed": seed, "metrics": metrics}))
+    (folder / "metrics.json").write_text(
+        json.dumps({"status": "complete", "experiment_name": experiment, "seed": seed, "metrics": metrics})
+    )
 
 
 def test_curve_table_pairs_seeds_for_improvement(tmp_path):
@@ -237,7 +254,9 @@ def test_curve_table_pairs_seeds_for_improvement(tmp_path):
     md = build_tables(tmp_path / "tables", tmp_path / "out", tmp_path)["c"]
     row = next(line for line in md.splitlines() if line.startswith("| s |"))
     assert "+7.5 ± 24.7 (2/2)" in row and "— (0/2)" in row
-    assert (tmp_path / "out" / "c.png").is_file() and "base_eta0" not in (tmp_path / "out" / "c.csv").read_text()
+    assert (tmp_path / "out" / "c.png").is_file() and "base_eta0" not in (
+        tmp_path / "out" / "c.csv"
+    ).read_text()
     assert "to fill them" in md
 
 
@@ -251,24 +270,30 @@ def test_artifact_curve_reads_probe_files(tmp_path):
     for seed, (a1, a2) in enumerate([(0.5, 0.6), (0.7, 0.8)]):
         _run(tmp_path, "run", seed)
         probe = {"image": {"1": a1, "2": a2}}
-        (tmp_path / "results" / "runs" / "run" / f"seed={seed}" / "linear_probe.json").write_text(json.dumps(probe))
+        (tmp_path / "results" / "runs" / "run" / f"seed={seed}" / "linear_probe.json").write_text(
+            json.dumps(probe)
+        )
     md = build_tables(tmp_path / "tables", tmp_path / "out", tmp_path)["p"]
     assert "| image | 60.0 ± 14.1 (2/2) | 70.0 ± 14.1 (2/2) |" in md
 
 
 def test_linear_probe_separates_and_tracks_steps():
-    from fusionbench.probe import linear_probe, probe_accuracy
+    from fusionbench.fusion.profusion.probe import linear_probe, probe_accuracy
 
     g = torch.Generator().manual_seed(0)
     y = torch.arange(200) % 3
-    x = torch.nn.functional.one_hot(y, 3).double() * 3 + 0.1 * torch.randn(200, 3, generator=g, dtype=torch.float64)
+    x = torch.nn.functional.one_hot(y, 3).double() * 3 + 0.1 * torch.randn(
+        200, 3, generator=g, dtype=torch.float64
+    )
     assert probe_accuracy((x[:150], y[:150]), (x[150:], y[150:]), 3) == 1.0
     torch.manual_seed(0)
     model = ProFusion(mlp_encoders(), 3, base="concat", unroll_steps=3, context_dim=4)
     x = batch(12)
     batches = [{"inputs": x, "target": torch.arange(12) % 3}]
     acc = linear_probe(model, batches, batches, 3)
-    assert sorted(acc) == ["a", "b"] and all(len(v) == 3 and all(0.0 <= a <= 1.0 for a in v) for v in acc.values())
+    assert sorted(acc) == ["a", "b"] and all(
+        len(v) == 3 and all(0.0 <= a <= 1.0 for a in v) for v in acc.values()
+    )
     with pytest.raises(ConfigError, match="need a Pro-Fusion model"):
         linear_probe(model.base, batches, batches, 3)
 
@@ -281,7 +306,12 @@ def test_batch_norm_keeps_running_statistics_per_unroll_step():
     model = ProFusion(enc, 3, base="concat", unroll_steps=2, context_dim=4)
     for w in model.backproject.values():
         nn.init.normal_(w.weight, std=3.0)  # a context that shifts step 2's activations
-    plain = ProFusion({k: MLPEncoder(5 if k == "a" else 7, [8], norm="batch") for k in "ab"}, 3, base="concat", unroll_steps=1)
+    plain = ProFusion(
+        {k: MLPEncoder(5 if k == "a" else 7, [8], norm="batch") for k in "ab"},
+        3,
+        base="concat",
+        unroll_steps=1,
+    )
     plain.base.load_state_dict(model.base.state_dict(), strict=False)  # (no context joins at R = 1)
     for seed in range(5):
         x = {k: v + seed for k, v in batch(16).items()}
@@ -297,7 +327,7 @@ def test_batch_norm_keeps_running_statistics_per_unroll_step():
 
 
 def test_deq_diagnostics_reach_through_the_wrapper():
-    from fusionbench.callbacks import deq_diagnostics
+    from fusionbench.fusion.deq.callbacks import deq_diagnostics
 
     torch.manual_seed(0)
     model = ProFusion(mlp_encoders(), 3, base="deq", unroll_steps=2, context_dim=4)

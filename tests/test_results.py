@@ -1,4 +1,5 @@
 """The table builder on fixture run folders: aggregation, missing runs, reported columns, determinism."""
+
 from __future__ import annotations
 
 import json
@@ -7,14 +8,21 @@ from pathlib import Path
 import pytest
 
 from fusionbench import ROOT
-from fusionbench.results import TableSpec, build_tables, collect_runs, update_readme
-from fusionbench.results.tables import README_END, README_START
+from fusionbench.tables import TableSpec, build_tables, collect_runs, update_readme
+from fusionbench.tables.build import README_END, README_START
 
 
 def write_run(root: Path, experiment: str, seed: int, acc: float, status: str = "complete", **extra) -> Path:
     folder = root / "results" / "runs" / experiment / f"seed={seed}"
     folder.mkdir(parents=True)
-    record = {"status": status, "experiment_name": experiment, "seed": seed, "metrics": {"test/acc": acc}, "wall_time_s": 2.0, **extra}
+    record = {
+        "status": status,
+        "experiment_name": experiment,
+        "seed": seed,
+        "metrics": {"test/acc": acc},
+        "wall_time_s": 2.0,
+        **extra,
+    }
     (folder / "metrics.json").write_text(json.dumps(record))
     return folder
 
@@ -49,7 +57,11 @@ def project(tmp_path) -> Path:
 def test_collect_skips_unfinished_and_debug_runs(project):
     runs = collect_runs([project / "results" / "runs"])
     assert sorted(zip(runs.experiment_name, runs.seed)) == [
-        ("demo_base", 0), ("demo_base", 1), ("demo_base", 2), ("demo_method", 0), ("demo_method", 1)
+        ("demo_base", 0),
+        ("demo_base", 1),
+        ("demo_base", 2),
+        ("demo_method", 0),
+        ("demo_method", 1),
     ]
 
 
@@ -105,6 +117,9 @@ def test_shipped_tables_match_committed_records(tmp_path):
     for name in rendered:
         for path in tmp_path.glob(f"{name}.*"):
             assert path.read_bytes() == (ROOT / "results" / path.name).read_bytes(), path.name
+    readme = tmp_path / "README.md"
+    readme.write_bytes((ROOT / "results" / "README.md").read_bytes())
+    assert not update_readme(readme, rendered), "results/README.md is stale: run `make tables`"
 
 
 def test_convergence_table_and_figures(tmp_path):
@@ -116,11 +131,16 @@ def test_convergence_table_and_figures(tmp_path):
     )
     for seed, scale in enumerate([1.0, 3.0]):
         folder = write_run(tmp_path, "e_deq", seed, 0.5)
-        diag = {"solver_rel_residual": [0.2 * scale, None, 0.002 * scale], "iteration_rel_diff": [1, 1, 1],
-                "gate_share": {"a": [0.25, 0.5, 0.5], "b": [0.75, 0.5, 0.5]}}
+        diag = {
+            "solver_rel_residual": [0.2 * scale, None, 0.002 * scale],
+            "iteration_rel_diff": [1, 1, 1],
+            "gate_share": {"a": [0.25, 0.5, 0.5], "b": [0.75, 0.5, 0.5]},
+        }
         (folder / "diagnostics.json").write_text(json.dumps(diag))
     md = build_tables(tmp_path / "tables", tmp_path / "out", tmp_path)["conv"]
-    assert "| DEQ | solver_rel_residual | 2/2 | 4.00e-01 | 4.00e-03 |" in md  # means of (0.2, 0.6), (0.002, 0.006)
+    assert (
+        "| DEQ | solver_rel_residual | 2/2 | 4.00e-01 | 4.00e-03 |" in md
+    )  # means of (0.2, 0.6), (0.002, 0.006)
     assert "| DEQ (reported: paper) | solver_rel_residual |  | 5.00e-01 | 1.00e-02 |" in md
     assert "| Tied | iteration_rel_diff | 0/2 | — | — |" in md and "e_tied" in md
     assert (tmp_path / "out" / "conv.png").stat().st_size > 1000
@@ -153,8 +173,8 @@ rows:
 
 
 def test_tradeoff_points_follow_the_table_and_the_figure_is_written(tmp_path):
-    from fusionbench.results.tables import aggregate
-    from fusionbench.results.tradeoff import tradeoff_points
+    from fusionbench.tables.build import aggregate
+    from fusionbench.tables.tradeoff import tradeoff_points
 
     (tmp_path / "tables").mkdir()
     (tmp_path / "tables" / "trade.yaml").write_text(TRADEOFF)
@@ -164,20 +184,32 @@ def test_tradeoff_points_follow_the_table_and_the_figure_is_written(tmp_path):
             folder = write_run(tmp_path, name, seed, 0.9 - 0.2 * share, compute={"madds": 2000.0})
             record = json.loads((folder / "metrics.json").read_text())
             # E[MAdds] = share_uni * 100 + share_late * 1000 (+ seed so that x has a spread)
-            record["metrics"].update({"test/dynmm/share_uni": share, "test/dynmm/share_late": 1 - share,
-                                      "test/dynmm/madds": share * 100 + (1 - share) * 1000 + seed})
+            record["metrics"].update(
+                {
+                    "test/dynmm/share_uni": share,
+                    "test/dynmm/share_late": 1 - share,
+                    "test/dynmm/madds": share * 100 + (1 - share) * 1000 + seed,
+                }
+            )
             (folder / "metrics.json").write_text(json.dumps(record))
     md = build_tables(tmp_path / "tables", tmp_path / "out", tmp_path)["trade"]
     assert (tmp_path / "out" / "trade.png").stat().st_size > 0
     assert "Figure `results/trade.png`" in md
     spec = TableSpec.load(tmp_path / "tables" / "trade.yaml")
-    points = {p["label"]: p for p in tradeoff_points(spec, aggregate(spec, collect_runs([tmp_path / "results" / "runs"])))}
+    points = {
+        p["label"]: p
+        for p in tradeoff_points(spec, aggregate(spec, collect_runs([tmp_path / "results" / "runs"])))
+    }
     # static row: no E[MAdds], so x falls back to the record's MAdds (1000 -> 1.0 k); acc mean of 70 and 80
     assert points["Static"]["lambda"] is None and points["Static"]["x"] == pytest.approx(1.0)
-    assert points["Static"]["y"] == pytest.approx(75.0) and points["Static"]["y_std"] == pytest.approx(50 ** 0.5)
+    assert points["Static"]["y"] == pytest.approx(75.0) and points["Static"]["y_std"] == pytest.approx(
+        50**0.5
+    )
     # lam 0.1: share 0.5 -> E[MAdds] mean (550 + 551) / 2 = 550.5 -> 0.5505 k, std 0.707 / 1000
     assert points["lam 0.1"]["lambda"] == 0.1
-    assert points["lam 0.1"]["x"] == pytest.approx(0.5505) and points["lam 0.1"]["x_std"] == pytest.approx(0.5 ** 0.5 / 1000)
+    assert points["lam 0.1"]["x"] == pytest.approx(0.5505) and points["lam 0.1"]["x_std"] == pytest.approx(
+        0.5**0.5 / 1000
+    )
     assert points["lam 1"]["shares"]["test/dynmm/share_uni"] == (1.0, 0.0)
 
 
@@ -199,10 +231,21 @@ def test_rows_tested_on_unconverged_deq_solves_or_early_checkpoints_are_flagged(
     (tmp_path / "tables" / "demo.yaml").write_text(TABLE)
     converged = {"deq_solver": {"test_forward": {"solves": 10, "converged": 1.0, "rel_residual": 1e-4}}}
     write_run(tmp_path, "demo_base", 0, 0.8, **converged, best_val={"epoch": 40}, epochs_trained=90)
-    write_run(tmp_path, "demo_base", 1, 0.8, deq_solver={"test_forward": {"solves": 10, "converged": 0.7}},
-              best_val={"epoch": 2}, epochs_trained=60)  # unconverged at test, and selected at epoch 2 of 60
-    write_run(tmp_path, "demo_method", 0, 0.6, metrics={"test/acc": 0.6, "test/deq/rel_residual": 0.25})  # old record
-    write_run(tmp_path, "demo_method", 1, 0.6, best_val={"epoch": 2}, epochs_trained=3)  # short run: not flagged
+    write_run(
+        tmp_path,
+        "demo_base",
+        1,
+        0.8,
+        deq_solver={"test_forward": {"solves": 10, "converged": 0.7}},
+        best_val={"epoch": 2},
+        epochs_trained=60,
+    )  # unconverged at test, and selected at epoch 2 of 60
+    write_run(
+        tmp_path, "demo_method", 0, 0.6, metrics={"test/acc": 0.6, "test/deq/rel_residual": 0.25}
+    )  # old record
+    write_run(
+        tmp_path, "demo_method", 1, 0.6, best_val={"epoch": 2}, epochs_trained=3
+    )  # short run: not flagged
     md = build_tables(tmp_path / "tables", tmp_path / "out", tmp_path)["demo"]
     lines = md.splitlines()
     assert "| Base † | 2/3 | 80.0 ± 0.0 | 80.0 |" in lines  # flagged, still averaged in, never dropped

@@ -1,14 +1,15 @@
 """Robustness evaluation: noise functions by their statistics, the seeded corruption, the curves against
 hand-computed expected errors, the areas, the table, and the run-record path end to end."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
+from conftest import FAST, compose_cfg
 from torch import nn
 
-from conftest import FAST, compose_cfg
 from fusionbench.data.base import FusionDataModule, TensorDictDataset
 from fusionbench.errors import ConfigError
 from fusionbench.fusion.base import FusionOutput
@@ -57,7 +58,10 @@ def test_corruption_is_seeded_per_sample_and_touches_only_its_modalities():
     first, again, other = c(inputs, 3), c(inputs, 3), c(inputs, 4)
     assert torch.equal(first["a"], again["a"]) and not torch.equal(first["a"], other["a"])
     assert torch.equal(first["b"], inputs["b"])
-    assert not torch.equal(Corruption(["white"], 0.5, ["a"], seed=8)(inputs, 3)["a"], Corruption(["white"], 0.5, ["a"], seed=7)(inputs, 3)["a"])
+    assert not torch.equal(
+        Corruption(["white"], 0.5, ["a"], seed=8)(inputs, 3)["a"],
+        Corruption(["white"], 0.5, ["a"], seed=7)(inputs, 3)["a"],
+    )
     assert Corruption(["white"], 0.0, ["a", "b"])(inputs, 0)["a"] is inputs["a"]  # level 0: the clean sample
 
 
@@ -98,6 +102,7 @@ def test_areas_by_hand():
 
 # -- curves against expected errors ----------------------------------------------------------------
 
+
 class LinearSum(nn.Module):
     """y = sum_m w_m . x_m: the exact target of `Frames`, so the clean MSE is 0."""
 
@@ -115,7 +120,9 @@ class Frames(FusionDataModule):
 
     task_type, num_outputs = "regression", 1
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], weights: dict[str, torch.Tensor], n: int = 4000) -> None:
+    def __init__(
+        self, shapes: dict[str, tuple[int, ...]], weights: dict[str, torch.Tensor], n: int = 4000
+    ) -> None:
         super().__init__(name="frames", data_dir=".")
         g = torch.Generator().manual_seed(0)
         x = {m: torch.randn(n, *s, generator=g) for m, s in shapes.items()}
@@ -133,7 +140,7 @@ def test_curves_match_the_expected_errors_of_a_linear_model():
     w = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.5, -1.0, 3.0])}
     dm, task = Frames({"a": (2,), "b": (3,)}, w), Task(LinearSum(w))
     rob = run_grid(task, dm, {"levels": [0.0, 0.2, 0.5], "noise": ["white"], "scopes": ["all", "each"]})
-    sq = {m: float((v ** 2).sum()) for m, v in w.items()}
+    sq = {m: float((v**2).sum()) for m, v in w.items()}
     for scope, norm in (("all", sq["a"] + sq["b"]), ("a", sq["a"]), ("b", sq["b"])):
         mse = rob["curves"][scope]["metrics"]["mse"]
         assert mse[0] == pytest.approx(0.0, abs=1e-10)
@@ -142,15 +149,23 @@ def test_curves_match_the_expected_errors_of_a_linear_model():
         assert rob["curves"][scope]["auc"]["mse"] == pytest.approx(auc([0.0, 0.2, 0.5], mse))
     assert rob["curves"]["a"]["modalities"] == ["a"] and rob["curves"]["all"]["modalities"] == ["a", "b"]
     # same grid seed: the same corrupted inputs, whatever the batch size
-    again = run_grid(task, dm, {"levels": [0.0, 0.2, 0.5], "noise": ["white"], "scopes": ["all", "each"], "batch_size": 7})
-    assert again["curves"]["all"]["metrics"]["mse"] == pytest.approx(rob["curves"]["all"]["metrics"]["mse"], rel=1e-5)
+    again = run_grid(
+        task, dm, {"levels": [0.0, 0.2, 0.5], "noise": ["white"], "scopes": ["all", "each"], "batch_size": 7}
+    )
+    assert again["curves"]["all"]["metrics"]["mse"] == pytest.approx(
+        rob["curves"]["all"]["metrics"]["mse"], rel=1e-5
+    )
 
 
 def test_drop_curves_match_the_expected_errors():
     w = {"s": torch.ones(6, 2)}  # one (time=6, features=2) sequence per sample, y = sum of its values
     dm, task = Frames({"s": (6, 2)}, w), Task(LinearSum(w))
-    feat = run_grid(task, dm, {"levels": [0.0, 0.3], "noise": ["feature_drop"]})["curves"]["all"]["metrics"]["mse"]
-    steps = run_grid(task, dm, {"levels": [0.0, 0.3], "noise": ["timestep_drop"]})["curves"]["all"]["metrics"]["mse"]
+    feat = run_grid(task, dm, {"levels": [0.0, 0.3], "noise": ["feature_drop"]})["curves"]["all"]["metrics"][
+        "mse"
+    ]
+    steps = run_grid(task, dm, {"levels": [0.0, 0.3], "noise": ["timestep_drop"]})["curves"]["all"][
+        "metrics"
+    ]["mse"]
     assert feat[1] == pytest.approx(0.3 * 12, rel=0.08)  # each of 12 values dropped w.p. p: E = p * 12
     assert steps[1] == pytest.approx(0.3 * 12, rel=0.1)  # each step (2 values) dropped w.p. p: E = p * 6 * 2
 
@@ -172,12 +187,25 @@ def test_stock_noise_is_applied_before_quantisation(tmp_path):
 
 
 def test_evaluate_agrees_with_the_trainer_test_and_the_record_holds_the_curves(tmp_path):
-    cfg = compose_cfg(["dataset=synthetic", "fusion=concat", *FAST, "trainer.max_epochs=2", "robustness=gaussian",
-                       "robustness.levels=[0.0,0.5,1.0]"], output_dir=tmp_path / "run")
+    cfg = compose_cfg(
+        [
+            "dataset=synthetic",
+            "fusion=concat",
+            *FAST,
+            "trainer.max_epochs=2",
+            "robustness=gaussian",
+            "robustness.levels=[0.0,0.5,1.0]",
+        ],
+        output_dir=tmp_path / "run",
+    )
     _, objs = train(cfg)
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
     rob = record["robustness"]
-    assert rob["levels"] == [0.0, 0.5, 1.0] and rob["noise"] == ["gaussian"] and set(rob["scales"]) == set(objs["datamodule"].modalities)
+    assert (
+        rob["levels"] == [0.0, 0.5, 1.0]
+        and rob["noise"] == ["gaussian"]
+        and set(rob["scales"]) == set(objs["datamodule"].modalities)
+    )
     assert set(rob["curves"]) == {"all", *objs["datamodule"].modalities}
     acc = rob["curves"]["all"]["metrics"]["acc"]
     assert acc[0] == pytest.approx(record["metrics"]["test/acc"], abs=1e-6)  # level 0 = the clean test split
@@ -187,15 +215,25 @@ def test_evaluate_agrees_with_the_trainer_test_and_the_record_holds_the_curves(t
 
 
 def test_robustness_table_from_records(tmp_path):
-    from fusionbench.results.tables import build_tables
+    from fusionbench.tables.build import build_tables
 
     levels = [0.0, 0.4, 0.8]
 
     def write(exp, seed, curve, mse):
         run = tmp_path / "results" / "runs" / exp / f"seed={seed}"
         run.mkdir(parents=True)
-        rec = {"status": "complete", "experiment_name": exp, "seed": seed, "metrics": {"test/mse": mse},
-               "robustness": {"levels": levels, "noise": ["white"], "seed": 0, "curves": {"all": {"metrics": {"mse": curve}}}}}
+        rec = {
+            "status": "complete",
+            "experiment_name": exp,
+            "seed": seed,
+            "metrics": {"test/mse": mse},
+            "robustness": {
+                "levels": levels,
+                "noise": ["white"],
+                "seed": 0,
+                "curves": {"all": {"metrics": {"mse": curve}}},
+            },
+        }
         (run / "metrics.json").write_text(json.dumps(rec))
 
     write("base", 0, [1.0, 2.0, 3.0], 1.0)
@@ -203,17 +241,36 @@ def test_robustness_table_from_records(tmp_path):
     write("pro", 0, [1.0, 1.0, 1.0], 1.0)
     tables = tmp_path / "tables"
     tables.mkdir()
-    (tables / "t.yaml").write_text(json.dumps({
-        "name": "t", "title": "T", "kind": "robustness", "robust_metric": "mse", "baseline": "base", "seeds": 2,
-        "metrics": [{"key": "test/mse", "label": "MSE"}],
-        "rows": [{"label": "Base", "experiment": "base", "group": "g"}, {"label": "Pro-Base", "experiment": "pro", "group": "g",
-                                                                           "reported": {"robustness": 0.9}},
-                 {"label": "Absent", "experiment": "absent", "group": "g"}],
-    }))
+    (tables / "t.yaml").write_text(
+        json.dumps(
+            {
+                "name": "t",
+                "title": "T",
+                "kind": "robustness",
+                "robust_metric": "mse",
+                "baseline": "base",
+                "seeds": 2,
+                "metrics": [{"key": "test/mse", "label": "MSE"}],
+                "rows": [
+                    {"label": "Base", "experiment": "base", "group": "g"},
+                    {"label": "Pro-Base", "experiment": "pro", "group": "g", "reported": {"robustness": 0.9}},
+                    {"label": "Absent", "experiment": "absent", "group": "g"},
+                ],
+            }
+        )
+    )
     md = build_tables(tables, tmp_path / "out", tmp_path)["t"]
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in md.splitlines() if line.startswith("| ")}
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+        for line in md.splitlines()
+        if line.startswith("| ")
+    }
     # base AUCs: 0.4*1.5 + 0.4*2.5 = 1.6 and 0.4*1.5 + 0.4*3.5 = 2.0 -> 1.8 ± 0.283; tau(base) = 0
-    assert rows["Base"][:3] == ["g", "2/2", "1.000 ± 0.000"] and rows["Base"][3] == "1.800 ± 0.283" and rows["Base"][4].startswith("0.000")
+    assert (
+        rows["Base"][:3] == ["g", "2/2", "1.000 ± 0.000"]
+        and rows["Base"][3] == "1.800 ± 0.283"
+        and rows["Base"][4].startswith("0.000")
+    )
     # pro: AUC 0.8; tau = -(0.8 - 1.8) = 1.0; scaled: base 0, pro 1
     assert rows["Pro-Base"][3] == "0.800" and rows["Pro-Base"][4] == "1.000" and rows["Pro-Base"][5] == "1.00"
     assert rows["Base"][5] == "0.00" and rows["Pro-Base"][6] == "0.900"
@@ -228,10 +285,21 @@ def test_a_checkpoint_is_evaluated_under_a_grid_without_training(tmp_path):
     base = ["dataset=synthetic", "fusion=concat", *FAST, "trainer.max_epochs=2"]
     first, _ = train(compose_cfg(base, output_dir=tmp_path / "train"))
     ckpt = next((tmp_path / "train" / "checkpoints").glob("epoch*.ckpt"))
-    cfg = compose_cfg([*base, "train=false", f"ckpt_path={ckpt}", "robustness=feature_drop", "robustness.levels=[0.0,0.9]",
-                       "robustness.scopes=[all]"], output_dir=tmp_path / "eval")
+    cfg = compose_cfg(
+        [
+            *base,
+            "train=false",
+            f"ckpt_path={ckpt}",
+            "robustness=feature_drop",
+            "robustness.levels=[0.0,0.9]",
+            "robustness.scopes=[all]",
+        ],
+        output_dir=tmp_path / "eval",
+    )
     result, objs = train(cfg)
     acc = result["robustness"]["curves"]["all"]["metrics"]["acc"]
-    assert acc[0] == pytest.approx(first["metrics"]["test/acc"], abs=1e-6)  # the same weights as the trained run's test
+    assert acc[0] == pytest.approx(
+        first["metrics"]["test/acc"], abs=1e-6
+    )  # the same weights as the trained run's test
     assert acc[1] < acc[0]
     assert objs["trainer"].global_step == 0

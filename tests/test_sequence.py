@@ -1,4 +1,5 @@
 """Sequence encoders (LSTM, Transformer) and early fusion of aligned sequences (MultiBench finance models)."""
+
 from __future__ import annotations
 
 import pytest
@@ -25,7 +26,9 @@ def stocks(names=("b", "a", "c"), b: int = 4) -> dict[str, torch.Tensor]:
 def make_encoder(kind: str, in_features: int = 1) -> nn.Module:
     if kind == "lstm":
         return LSTMEncoder(in_features, hidden=6)
-    return TransformerSeqEncoder(in_features, dim=6, heads=3, layers=2, ff=16, dropout=0.1, positions="learned", max_len=T)
+    return TransformerSeqEncoder(
+        in_features, dim=6, heads=3, layers=2, ff=16, dropout=0.1, positions="learned", max_len=T
+    )
 
 
 # ---------------------------------------------------------------- encoders
@@ -109,8 +112,12 @@ def test_early_sequence_builds_its_encoder_from_a_partial_or_a_node():
     from functools import partial
 
     encoders = {m: LSTMEncoder(1, 4) for m in "abc"}
-    m1 = EarlySequenceFusion(encoders, 1, encoder=partial(TransformerSeqEncoder, dim=6, heads=3, layers=1, ff=8))
-    m2 = EarlySequenceFusion(encoders, 1, encoder={"_target_": "fusionbench.encoders.LSTMEncoder", "hidden": 7})
+    m1 = EarlySequenceFusion(
+        encoders, 1, encoder=partial(TransformerSeqEncoder, dim=6, heads=3, layers=1, ff=8)
+    )
+    m2 = EarlySequenceFusion(
+        encoders, 1, encoder={"_target_": "fusionbench.encoders.LSTMEncoder", "hidden": 7}
+    )
     assert m1.encoders["joint"].in_features == 3 and m1.fused_dim == 6
     assert m2.encoders["joint"].in_features == 3 and m2.fused_dim == 7
     assert m1(stocks("abc")).logits.shape == m2(stocks("abc")).logits.shape == (4, 1)
@@ -132,9 +139,19 @@ def test_profusion_wraps_sequence_models(kind, base):
     if base == "early_sequence":
         base_args = {"encoder": {"hidden": 6}}
         if kind == "transformer":  # a whole node: merging into early_sequence.yaml would keep the LSTM's keys
-            base = {"_target_": "fusionbench.fusion.EarlySequenceFusion", "encoder": {
-                "_target_": "fusionbench.encoders.TransformerSeqEncoder", "_partial_": True, "dim": 6, "heads": 3,
-                "layers": 2, "ff": 16, "positions": "learned", "max_len": T}}
+            base = {
+                "_target_": "fusionbench.fusion.EarlySequenceFusion",
+                "encoder": {
+                    "_target_": "fusionbench.encoders.TransformerSeqEncoder",
+                    "_partial_": True,
+                    "dim": 6,
+                    "heads": 3,
+                    "layers": 2,
+                    "ff": 16,
+                    "positions": "learned",
+                    "max_len": T,
+                },
+            }
             base_args = {}
     model = ProFusion(encoders, 1, base=base, base_args=base_args, unroll_steps=2, context_dim=4)
     assert sorted(model.encoders) == (["a", "b", "c"] if base == "concat" else ["joint"])
@@ -155,8 +172,14 @@ def test_profusion_wraps_sequence_models(kind, base):
 def test_profusion_early_sequence_step_two_is_the_joint_lstm_on_stacked_inputs_and_context():
     """Eqs. 7-9 by hand: step 2 encodes [x_1 .. x_n ; W c_1] at every time step with the joint LSTM."""
     torch.manual_seed(0)
-    model = ProFusion({m: LSTMEncoder(1, 4) for m in "abc"}, 1, base="early_sequence",
-                      base_args={"encoder": {"hidden": 5}}, unroll_steps=2, context_dim=3).eval()
+    model = ProFusion(
+        {m: LSTMEncoder(1, 4) for m in "abc"},
+        1,
+        base="early_sequence",
+        base_args={"encoder": {"hidden": 5}},
+        unroll_steps=2,
+        context_dim=3,
+    ).eval()
     base, x = model.base, stocks("abc")
     joint = base.encoders["joint"]
     stacked = torch.cat([x["a"], x["b"], x["c"]], dim=-1)
@@ -184,15 +207,26 @@ def test_stocks_backbones_are_per_ticker_sequence_encoders():
             assert all(isinstance(e, cls) and e.in_features == 1 for e in encoders.values())
 
 
-@pytest.mark.parametrize("overrides", [
-    ["fusion=concat"],
-    ["fusion=early_sequence", "dataset.tickers=[MCD,SBUX,HSY,HRL]"],
-    ["fusion=early_sequence_transformer", "dataset.tickers=[MCD,SBUX,HSY,HRL]"],
-    ["fusion=profusion", "fusion.base=early_sequence", "dataset.tickers=[MCD,SBUX,HSY,HRL]"],
-    ["fusion=profusion", "fusion.base=concat", "backbone=stocks_transformer", "dataset.tickers=[MCD,SBUX,HSY,HRL]"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["fusion=concat"],
+        ["fusion=early_sequence", "dataset.tickers=[MCD,SBUX,HSY,HRL]"],
+        ["fusion=early_sequence_transformer", "dataset.tickers=[MCD,SBUX,HSY,HRL]"],
+        ["fusion=profusion", "fusion.base=early_sequence", "dataset.tickers=[MCD,SBUX,HSY,HRL]"],
+        [
+            "fusion=profusion",
+            "fusion.base=concat",
+            "backbone=stocks_transformer",
+            "dataset.tickers=[MCD,SBUX,HSY,HRL]",
+        ],
+    ],
+)
 def test_fast_dev_run_on_the_stock_snapshot(overrides, tmp_path):
-    cfg = compose_cfg(["dataset=stocks", "debug=fdr", "logger=none", "trainer.enable_progress_bar=false", *overrides], tmp_path)
+    cfg = compose_cfg(
+        ["dataset=stocks", "debug=fdr", "logger=none", "trainer.enable_progress_bar=false", *overrides],
+        tmp_path,
+    )
     result, objs = train(cfg)
     assert objs["trainer"].global_step == 1
     assert "test/loss" in result["metrics"]

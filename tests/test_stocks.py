@@ -1,6 +1,7 @@
 """Stock series: windows, targets and normalisation checked by hand on tiny price files in Yahoo's
 layout, MultiBench's construction transcribed for comparison, date intersection, quantisation, the
 errors, and the shipped snapshot (sizes per sector, checksums)."""
+
 from __future__ import annotations
 
 import json
@@ -46,7 +47,15 @@ def write_prices(folder: Path, n_days: int = 24, tickers=TICKERS, seed: int = 0)
 
 
 def module(folder: Path, **over) -> StocksDataModule:
-    kw = dict(sector=None, tickers=list(TICKERS), target="BBB", data_dir=folder, quantize=False, batch_size=4, **SMALL)
+    kw = dict(
+        sector=None,
+        tickers=list(TICKERS),
+        target="BBB",
+        data_dir=folder,
+        quantize=False,
+        batch_size=4,
+        **SMALL,
+    )
     kw.update(over)
     dm = StocksDataModule(**kw)
     dm.prepare_data()
@@ -62,6 +71,7 @@ def prices(tmp_path) -> tuple[Path, dict[str, np.ndarray]]:
 
 # -- file format -------------------------------------------------------------------------------
 
+
 def test_fixture_writer_uses_the_real_file_layout(tmp_path):
     real = (SNAPSHOT / "MCD.csv").read_text()
     path = StocksDataModule.write(tmp_path / "X.csv", ["2001-01-02", "2001-01-03"], [1.5, 2.25])
@@ -74,6 +84,7 @@ def test_fixture_writer_uses_the_real_file_layout(tmp_path):
 
 
 # -- construction by hand ----------------------------------------------------------------------
+
 
 def test_windows_targets_and_normalisation_by_hand(prices):
     folder, opens = prices
@@ -93,7 +104,9 @@ def test_windows_targets_and_normalisation_by_hand(prices):
     item = dm.train_set[0]
     expected_x = np.log(opens["CCC"][1:6] / opens["CCC"][0:5]) / input_std
     np.testing.assert_allclose(item["inputs"]["ccc"].numpy()[:, 0], expected_x, rtol=1e-6)
-    assert item["target"].item() == pytest.approx(np.log(opens["BBB"][6] / opens["BBB"][5]) ** 2 / target_std, rel=1e-6)
+    assert item["target"].item() == pytest.approx(
+        np.log(opens["BBB"][6] / opens["BBB"][5]) ** 2 / target_std, rel=1e-6
+    )
     # every window of every split, each split continuing where the last ended
     for split, offset in (("train", 0), ("val", 8), ("test", 11)):
         ds = getattr(dm, f"{split}_set")
@@ -110,7 +123,11 @@ def test_windows_targets_and_normalisation_by_hand(prices):
     days = business_days(24)
     assert dm.info["days"] == [days[0], days[-1]] and dm.info["trading_days"] == 24
     # the target of window k is the return into day k + 6
-    assert dm.info["target_days"] == {"train": [days[6], days[13]], "val": [days[14], days[16]], "test": [days[17], days[23]]}
+    assert dm.info["target_days"] == {
+        "train": [days[6], days[13]],
+        "val": [days[14], days[16]],
+        "test": [days[17], days[23]],
+    }
 
 
 def test_normalisation_uses_training_rows_only(prices, tmp_path):
@@ -125,10 +142,15 @@ def test_normalisation_uses_training_rows_only(prices, tmp_path):
         changed[14:] = np.round(changed[14:] * np.exp(rng.normal(0, 0.3, len(o) - 14)), 6)
         StocksDataModule.write(other / f"{t}.csv", business_days(24), changed)
     after = module(other)
-    assert after.info["input_std"] == before.info["input_std"] and after.info["target_std"] == before.info["target_std"]
+    assert (
+        after.info["input_std"] == before.info["input_std"]
+        and after.info["target_std"] == before.info["target_std"]
+    )
     for i in range(len(before.train_set)):
         a, b = before.train_set[i], after.train_set[i]
-        assert torch.equal(a["target"], b["target"]) and all(torch.equal(a["inputs"][m], b["inputs"][m]) for m in a["inputs"])
+        assert torch.equal(a["target"], b["target"]) and all(
+            torch.equal(a["inputs"][m], b["inputs"][m]) for m in a["inputs"]
+        )
     assert not torch.equal(before.val_set[0]["target"], after.val_set[0]["target"])
     assert not torch.equal(before.test_set[6]["inputs"]["aaa"], after.test_set[6]["inputs"]["aaa"])
 
@@ -197,13 +219,19 @@ def test_input_subset_keeps_normalisation_over_all_tickers(prices):
     assert sub.info["input_std"] == full.info["input_std"]
     item, ref = sub.test_set[2], full.test_set[2]
     assert set(item["inputs"]) == {"aaa", "ccc"}
-    assert torch.equal(item["inputs"]["ccc"], ref["inputs"]["ccc"]) and torch.equal(item["target"], ref["target"])
+    assert torch.equal(item["inputs"]["ccc"], ref["inputs"]["ccc"]) and torch.equal(
+        item["target"], ref["target"]
+    )
 
 
 def test_batches_follow_the_contract_and_describe_is_json(prices):
     folder, _ = prices
     dm = module(folder, quantize=True)
-    assert dm.task_type == "regression" and dm.num_outputs == 1 and dm.monitor == {"metric": "val/loss", "mode": "min"}
+    assert (
+        dm.task_type == "regression"
+        and dm.num_outputs == 1
+        and dm.monitor == {"metric": "val/loss", "mode": "min"}
+    )
     batch = next(iter(dm.train_dataloader()))
     assert batch["inputs"]["aaa"].shape == (4, 5, 1) and batch["target"].shape == (4, 1)
     record = json.loads(json.dumps(dm.describe()))
@@ -214,11 +242,14 @@ def test_batches_follow_the_contract_and_describe_is_json(prices):
 
 # -- quantisation ------------------------------------------------------------------------------
 
+
 def test_quantize_function_by_hand():
     x = torch.tensor([[0.0, 0.3], [1.0, 0.51]])
     # 25 steps of 0.04 between min 0 and max 1: 0.3 -> 7.5 -> 8 (round half to even) -> 0.32; 0.51 -> 12.75 -> 13 -> 0.52
     torch.testing.assert_close(quantize(x), torch.tensor([[0.0, 0.32], [1.0, 0.52]]))
-    torch.testing.assert_close(quantize(torch.tensor([-2.0, -1.0, 2.0]), levels=4), torch.tensor([-2.0, -1.0, 2.0]))
+    torch.testing.assert_close(
+        quantize(torch.tensor([-2.0, -1.0, 2.0]), levels=4), torch.tensor([-2.0, -1.0, 2.0])
+    )
     flat = torch.full((5, 2), 0.7)
     assert torch.equal(quantize(flat), flat)  # MultiBench would divide 0 by 0
 
@@ -241,10 +272,14 @@ def test_quantize_option_applies_jointly_per_window_in_every_split(prices):
 
 # -- errors ------------------------------------------------------------------------------------
 
+
 def test_ticker_without_file(prices):
     folder, _ = prices
     dm = StocksDataModule(sector=None, tickers=["AAA", "ZZZ"], target="AAA", data_dir=folder, **SMALL)
-    with pytest.raises(DatasetError, match=r"no price file for ticker\(s\) \['ZZZ'\].*ZZZ\.csv.*cover \['AAA', 'BBB', 'CCC'\]"):
+    with pytest.raises(
+        DatasetError,
+        match=r"no price file for ticker\(s\) \['ZZZ'\].*ZZZ\.csv.*cover \['AAA', 'BBB', 'CCC'\]",
+    ):
         dm.prepare_data()
     dm = StocksDataModule(sector="fnb", data_dir=folder / "nope")
     with pytest.raises(DatasetError, match=r"The folder does not exist.*paths.data_dir"):
@@ -252,7 +287,9 @@ def test_ticker_without_file(prices):
 
 
 def test_unknown_sector_and_bad_ticker_lists(tmp_path):
-    with pytest.raises(DatasetError, match=r"Unknown stock sector 'energy'; choose one of \['fnb', 'health', 'tech'\]"):
+    with pytest.raises(
+        DatasetError, match=r"Unknown stock sector 'energy'; choose one of \['fnb', 'health', 'tech'\]"
+    ):
         StocksDataModule(sector="energy", data_dir=tmp_path)
     with pytest.raises(DatasetError, match=r"sector=null needs both"):
         StocksDataModule(sector=None, tickers=["AAA"], data_dir=tmp_path)
@@ -265,7 +302,9 @@ def test_unknown_sector_and_bad_ticker_lists(tmp_path):
 def test_target_not_among_tickers(tmp_path):
     with pytest.raises(DatasetError, match=r"Target stock 'XYZ' is not among the tickers \['AAA', 'BBB'\]"):
         StocksDataModule(sector=None, tickers=["AAA", "BBB"], target="XYZ", data_dir=tmp_path)
-    with pytest.raises(DatasetError, match=r"Target stock 'MCD'.*sector health's default is UNH.*stocks_health"):
+    with pytest.raises(
+        DatasetError, match=r"Target stock 'MCD'.*sector health's default is UNH.*stocks_health"
+    ):
         StocksDataModule(sector="health", target="MCD", data_dir=tmp_path)
     assert StocksDataModule(sector="tech", data_dir=tmp_path).target == "MSFT"
 
@@ -277,7 +316,8 @@ def test_too_few_common_days(tmp_path):
     days = business_days(18)
     StocksDataModule.write(folder / "CCC.csv", days[1:], random_opens(17, 9))  # one day short
     with pytest.raises(
-        DatasetError, match=r"share only 17 trading days .*at least 18 are needed .*drop the ticker that starts last \(CCC"
+        DatasetError,
+        match=r"share only 17 trading days .*at least 18 are needed .*drop the ticker that starts last \(CCC",
     ):
         module(folder)
 
@@ -285,7 +325,10 @@ def test_too_few_common_days(tmp_path):
 @pytest.mark.parametrize(
     "row, match",
     [
-        ("{d},null,null,null,null,null,null", r"1 row\(s\) with empty, 'null' or unparsable values, e\.g\. line 7 \(2001-01-09\)"),
+        (
+            "{d},null,null,null,null,null,null",
+            r"1 row\(s\) with empty, 'null' or unparsable values, e\.g\. line 7 \(2001-01-09\)",
+        ),
         ("{d},,,,,,", r"row\(s\) with empty.*line 7 \(2001-01-09\)"),
         ("{d},12.5,13,12,12.5,12.5,", r"row\(s\) with empty.*line 7"),
         ("2001-13-45,12.5,13,12,12.5,12.5,100", r"unparsable.*line 7 \(2001-13-45\)"),
@@ -307,8 +350,11 @@ def test_bad_rows_in_a_price_file(prices, row, match):
 
 @pytest.mark.parametrize(
     "text, match",
-    [("", r"not a readable price CSV"), ("Date,Open,High,Low,Close,Adj Close,Volume", r"header but no price rows"),
-     ("Day,Price\n2001-01-02,1.0", r"columns \['Day', 'Price'\]; expected Yahoo's header")],
+    [
+        ("", r"not a readable price CSV"),
+        ("Date,Open,High,Low,Close,Adj Close,Volume", r"header but no price rows"),
+        ("Day,Price\n2001-01-02,1.0", r"columns \['Day', 'Price'\]; expected Yahoo's header"),
+    ],
 )
 def test_empty_or_foreign_files(prices, text, match):
     folder, _ = prices
@@ -326,9 +372,13 @@ def test_checksum_mismatch_is_explained(tmp_path):
         f.write("\n")
     checksums = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "dataset" / "stocks.yaml").checksums)
     dm = StocksDataModule(sector="health", data_dir=folder, checksums=checksums)
-    with pytest.raises(DatasetError, match=r"does not match the published files: UNH\.csv: sha256.*verify_checksums=false"):
+    with pytest.raises(
+        DatasetError, match=r"does not match the published files: UNH\.csv: sha256.*verify_checksums=false"
+    ):
         dm.prepare_data()
-    StocksDataModule(sector="health", data_dir=folder, checksums=checksums, verify_checksums=False).prepare_data()
+    StocksDataModule(
+        sector="health", data_dir=folder, checksums=checksums, verify_checksums=False
+    ).prepare_data()
 
 
 # -- the shipped snapshot ----------------------------------------------------------------------
@@ -343,7 +393,10 @@ REAL = {  # config -> (sector, target, tickers, trading days, first day, last da
 def test_snapshot_checksums_cover_every_shipped_file():
     checksums = OmegaConf.load(ROOT / "configs" / "dataset" / "stocks.yaml").checksums
     files = sorted(p.name for p in SNAPSHOT.glob("*.csv"))
-    assert files == sorted(checksums) == sorted(f"{t}.csv" for s in SECTORS.values() for t in s) and len(files) == 38
+    assert (
+        files == sorted(checksums) == sorted(f"{t}.csv" for s in SECTORS.values() for t in s)
+        and len(files) == 38
+    )
     for f in files:
         assert checksums[f] == f"sha256:{sha256_file(SNAPSHOT / f)}", f
     provenance = (SNAPSHOT / "PROVENANCE.md").read_text()

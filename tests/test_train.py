@@ -1,16 +1,18 @@
 """The run loop end to end: every fusion trains, records are written once, runs resume without
 double counting, checkpoints evaluate, and bad runs stop with clear messages."""
+
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
 import pytest
-
 from conftest import FAST
+
 from fusionbench import ROOT
 from fusionbench.errors import ConfigError, TrainingError
 from fusionbench.train import train
@@ -21,15 +23,31 @@ FUSIONS = sorted(p.stem for p in (ROOT / "configs" / "fusion").glob("*.yaml"))
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_fast_dev_run_every_fusion(fusion, make_cfg):
     extra = ["dataset.modalities=[image]"] if fusion == "unimodal" else []
-    if fusion.startswith("early_sequence") or fusion == "mult":  # stacks equal-length series (B, T, 1) along the feature axis
+    if (
+        fusion.startswith("early_sequence") or fusion == "mult"
+    ):  # stacks equal-length series (B, T, 1) along the feature axis
         extra = ["dataset.shapes={audio: [12, 1], image: [12, 1], text: [12, 1]}"]
     if fusion == "mfas":  # fuses intermediate LeNet layers: image-shaped inputs and the LeNet backbone
-        extra = ["dataset.shapes={audio: [1, 112, 112], image: [1, 28, 28]}", "dataset.modalities=[audio,image]", "backbone=avmnist"]
-    cfg = make_cfg(["dataset=synthetic", f"fusion={fusion}", "debug=fdr", "trainer.enable_progress_bar=false", *extra])
+        extra = [
+            "dataset.shapes={audio: [1, 112, 112], image: [1, 28, 28]}",
+            "dataset.modalities=[audio,image]",
+            "backbone=avmnist",
+        ]
+    cfg = make_cfg(
+        ["dataset=synthetic", f"fusion={fusion}", "debug=fdr", "trainer.enable_progress_bar=false", *extra]
+    )
     result, objs = train(cfg)
     assert objs["trainer"].global_step == 1
-    assert set(result["metrics"]) >= {"test/acc", "test/f1_macro", "test/f1_weighted", "test/auroc", "test/loss"}
-    assert not os.path.exists(os.path.join(cfg.paths.output_dir, "metrics.json"))  # debug runs are not records
+    assert set(result["metrics"]) >= {
+        "test/acc",
+        "test/f1_macro",
+        "test/f1_weighted",
+        "test/auroc",
+        "test/loss",
+    }
+    assert not os.path.exists(
+        os.path.join(cfg.paths.output_dir, "metrics.json")
+    )  # debug runs are not records
 
 
 def test_training_learns_and_writes_a_complete_record(make_cfg):
@@ -89,13 +107,17 @@ def test_nan_loss_stops_with_the_step_and_leaves_no_record(make_cfg):
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 def test_cli_missing_dataset_is_one_clear_message(tmp_path):
     r = run_cli("dataset=brca", f"paths.data_dir={tmp_path}", "logger=none", f"hydra.run.dir={tmp_path}/run")
     assert r.returncode == 1
-    assert "fusionbench: Dataset 'brca' is incomplete" in r.stderr and "prepare_data.py brca --from" in r.stderr
+    assert (
+        "fusionbench: Dataset 'brca' is incomplete" in r.stderr and "prepare_data.py brca --from" in r.stderr
+    )
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "run" / "metrics.json").exists()
 
@@ -120,9 +142,23 @@ def test_ddp_sim_trains_profusion_around_mfas(make_cfg):
     """Pro-Fusion's unrolled graph and MFAS's intermediate-layer fusion under DDP: every parameter must
     get a gradient on every rank (DDP refuses unused parameters)."""
     shapes = "dataset.shapes={audio: [1, 112, 112], image: [1, 28, 28]}"
-    cfg = make_cfg(["dataset=synthetic", shapes, "dataset.modalities=[audio,image]", "backbone=avmnist", "fusion=profusion",
-                    "fusion.base=mfas", "fusion.unroll_steps=2", "trainer=ddp_sim", *FAST, "trainer.max_epochs=1",
-                    "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1"])
+    cfg = make_cfg(
+        [
+            "dataset=synthetic",
+            shapes,
+            "dataset.modalities=[audio,image]",
+            "backbone=avmnist",
+            "fusion=profusion",
+            "fusion.base=mfas",
+            "fusion.unroll_steps=2",
+            "trainer=ddp_sim",
+            *FAST,
+            "trainer.max_epochs=1",
+            "+trainer.limit_train_batches=2",
+            "+trainer.limit_val_batches=1",
+            "+trainer.limit_test_batches=1",
+        ]
+    )
     result, objs = train(cfg)
     assert objs["trainer"].world_size == 2 and result["global_steps"] == 2
     assert math.isfinite(result["metrics"]["test/loss"])
@@ -130,11 +166,19 @@ def test_ddp_sim_trains_profusion_around_mfas(make_cfg):
 
 def test_multirun_seed_sweep_into_deterministic_folders(tmp_path):
     r = run_cli(
-        "-m", "experiment=baselines_rosmap_mirna", "sweep=seeds", "seed=0,1", "trainer.max_epochs=2",
-        "trainer.enable_progress_bar=false", "logger=none", f"hydra.sweep.dir={tmp_path}",
+        "-m",
+        "experiment=baselines_rosmap_mirna",
+        "sweep=seeds",
+        "seed=0,1",
+        "trainer.max_epochs=2",
+        "trainer.enable_progress_bar=false",
+        "logger=none",
+        f"hydra.sweep.dir={tmp_path}",
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    seeds = sorted(json.loads(p.read_text())["seed"] for p in tmp_path.glob("baselines_rosmap_mirna/seed=*/metrics.json"))
+    seeds = sorted(
+        json.loads(p.read_text())["seed"] for p in tmp_path.glob("baselines_rosmap_mirna/seed=*/metrics.json")
+    )
     assert seeds == [0, 1]
 
 
@@ -192,27 +236,66 @@ def mosei_fixture_dir(tmp_path_factory):
 
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
+
+
+def _smoke_params() -> list:
+    """Every experiment; those that differ from an earlier one only in the stock sector (same model, same code
+    path, other tickers) run in the slow suite: `test_configs` composes all of them in the fast one."""
+    seen, params = set(), []
+    for name in EXPERIMENTS:
+        shape = re.sub(r"_(fnb|health|tech)_", "_<sector>_", name)
+        params.append(pytest.param(name, marks=pytest.mark.slow) if shape in seen else name)
+        seen.add(shape)
+    return params
+
+
 FIXTURE_SIZES = "dataset.num_samples={train: 24, val: 8, test: 8}"
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_smoke_runs(experiment, make_cfg, brca_fixture_dir, avmnist_fixture_dir, mmimdb_fixture_dir,
-                                    mosei_fixture_dir):
+@pytest.mark.parametrize("experiment", _smoke_params())
+def test_every_experiment_smoke_runs(
+    experiment, make_cfg, brca_fixture_dir, avmnist_fixture_dir, mmimdb_fixture_dir, mosei_fixture_dir
+):
     """One batch of train/val/test of each pinned experiment (BRCA, AV-MNIST, MM-IMDB and MOSEI ones on fixtures in
     the real formats and shapes; DynMM rows that load their stage I from earlier runs start from fresh experts)."""
     extra = []
     if "_brca_" in experiment:
-        extra = [f"paths.data_dir={brca_fixture_dir}", "dataset.verify_checksums=false", "dataset.batch_size=32"]
+        extra = [
+            f"paths.data_dir={brca_fixture_dir}",
+            "dataset.verify_checksums=false",
+            "dataset.batch_size=32",
+        ]
     if "_avmnist" in experiment:
-        extra = [f"paths.data_dir={avmnist_fixture_dir}", "dataset.num_train=60", "dataset.num_samples={train: 80, test: 20}"]
-    if experiment.startswith("pro_t4_"):  # the real snapshot, short windows and a 2-point noise grid (a 500-step transformer is slow)
-        extra = ["dataset.window=8", "dataset.num_train=64", "dataset.num_val=16", "robustness.levels=[0.0,0.5]"]
+        extra = [
+            f"paths.data_dir={avmnist_fixture_dir}",
+            "dataset.num_train=60",
+            "dataset.num_samples={train: 80, test: 20}",
+        ]
+    if experiment.startswith(
+        "pro_t4_"
+    ):  # the real snapshot, short windows and a 2-point noise grid (a 500-step transformer is slow)
+        extra = [
+            "dataset.window=8",
+            "dataset.num_train=64",
+            "dataset.num_val=16",
+            "robustness.levels=[0.0,0.5]",
+        ]
     if "_mmimdb" in experiment:
         extra = [f"paths.data_dir={mmimdb_fixture_dir}", FIXTURE_SIZES]
     if "_mosei" in experiment:
         extra = [f"paths.data_dir={mosei_fixture_dir}", FIXTURE_SIZES]
-    cfg = make_cfg([f"experiment={experiment}", "debug=fdr", "trainer.enable_progress_bar=false", "trainer.detect_anomaly=false", *extra])
-    if cfg.fusion.get("stage1_ckpt"):  # covered end to end by test_dynmm_row_starts_from_the_expert_rows_checkpoints
+    cfg = make_cfg(
+        [
+            f"experiment={experiment}",
+            "debug=fdr",
+            "trainer.enable_progress_bar=false",
+            "trainer.detect_anomaly=false",
+            *extra,
+        ]
+    )
+    if cfg.fusion.get(
+        "stage1_ckpt"
+    ):  # covered end to end by test_dynmm_row_starts_from_the_expert_rows_checkpoints
         cfg.fusion.stage1_ckpt = None
     result, objs = train(cfg)
     assert objs["trainer"].global_step == 1
@@ -236,8 +319,15 @@ def test_dynmm_row_starts_from_the_expert_rows_checkpoints(make_cfg, mmimdb_fixt
     from fusionbench.fusion import DynMMFusion
 
     results = tmp_path / "results"
-    common = [f"paths.data_dir={mmimdb_fixture_dir}", FIXTURE_SIZES, f"paths.results_dir={results}", "seed=3",
-              "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "logger=none"]
+    common = [
+        f"paths.data_dir={mmimdb_fixture_dir}",
+        FIXTURE_SIZES,
+        f"paths.results_dir={results}",
+        "seed=3",
+        "trainer.max_epochs=2",
+        "trainer.enable_progress_bar=false",
+        "logger=none",
+    ]
     experts = {}
     for row in ("text", "late"):
         sub = f"results/runs/dynmm_t1_mmimdb_{row}/seed=3"
@@ -257,7 +347,9 @@ def test_dynmm_row_starts_from_the_expert_rows_checkpoints(make_cfg, mmimdb_fixt
         assert loaded.keys() == static.keys()
         assert all(torch.equal(loaded[k], static[k]) for k in loaded)
     result, _ = train(cfg)
-    assert result["metrics"]["test/dynmm/share_uni"] + result["metrics"]["test/dynmm/share_late"] == pytest.approx(1.0)
+    assert result["metrics"]["test/dynmm/share_uni"] + result["metrics"][
+        "test/dynmm/share_late"
+    ] == pytest.approx(1.0)
 
 
 def test_last_checkpoint_is_the_latest_epoch_and_a_resumed_run_matches_an_uninterrupted_one(make_cfg):
@@ -281,8 +373,17 @@ def test_last_checkpoint_is_the_latest_epoch_and_a_resumed_run_matches_an_uninte
 def test_deq_run_records_solver_convergence_per_epoch(make_cfg, caplog):
     import logging
 
-    cfg = make_cfg(["dataset=synthetic", "fusion=deq", *FAST, "trainer.max_epochs=3", "fusion.eval_f_max_iter=2",
-                    "fusion.failure_tol=1e-9", "fusion.max_failures=1000000"])
+    cfg = make_cfg(
+        [
+            "dataset=synthetic",
+            "fusion=deq",
+            *FAST,
+            "trainer.max_epochs=3",
+            "fusion.eval_f_max_iter=2",
+            "fusion.failure_tol=1e-9",
+            "fusion.max_failures=1000000",
+        ]
+    )
     with caplog.at_level(logging.WARNING, logger="fusionbench"):
         record, _ = train(cfg)
     solver = record["deq_solver"]
@@ -290,9 +391,15 @@ def test_deq_run_records_solver_convergence_per_epoch(make_cfg, caplog):
     assert all(e["train_f_converged"] == 0.0 and 0 <= e["train_b_converged"] <= 1 for e in solver["epochs"])
     assert solver["test_forward"]["converged"] == 0.0 and solver["test_forward"]["solves"] == 64
     assert record["metrics"]["test/deq/f_converged"] == 0.0
-    assert "validation samples' forward solves converged" in caplog.text and "test samples' forward solves" in caplog.text
+    assert (
+        "validation samples' forward solves converged" in caplog.text
+        and "test samples' forward solves" in caplog.text
+    )
     # one training and one validation warning for the three epochs (warn_every=25), not one per batch or epoch
-    assert caplog.text.count("of forward solves converged;") == 1 and caplog.text.count("validation samples") == 1
+    assert (
+        caplog.text.count("of forward solves converged;") == 1
+        and caplog.text.count("validation samples") == 1
+    )
 
 
 def test_deq_record_entry_is_absent_for_other_fusions(make_cfg):

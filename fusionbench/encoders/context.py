@@ -10,6 +10,7 @@ unchanged, which is what makes ``W = 0`` reproduce the base model.
 Encoders opt in by subclassing `ContextEncoder`, listing their joinable widths in `join_widths()` and
 calling ``self.join(layer_index, h, context)`` after each joinable layer.
 """
+
 from __future__ import annotations
 
 import torch

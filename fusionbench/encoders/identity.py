@@ -1,4 +1,5 @@
 """Pass-through encoder for features that are already embeddings (and for wrapped fusions)."""
+
 from __future__ import annotations
 
 import torch

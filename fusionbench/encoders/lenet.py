@@ -5,6 +5,7 @@
 average pool (a no-op on AV-MNIST, whose maps are 1x1 by then). Image: ``channels=6, extra_layers=3``
 -> 48-d; audio spectrogram: ``channels=6, extra_layers=5`` -> 192-d (benchmark-specs §2.1).
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,12 +28,17 @@ class LeNetEncoder(ContextEncoder):
     (MFAS fuses intermediate layers).
     """
 
-    def __init__(self, in_channels: int = 1, channels: int = 6, extra_layers: int = 3, output_dim: int | None = None) -> None:
+    def __init__(
+        self, in_channels: int = 1, channels: int = 6, extra_layers: int = 3, output_dim: int | None = None
+    ) -> None:
         super().__init__()
         widths = [channels * 2**k for k in range(extra_layers + 1)]
         self.convs = nn.ModuleList(
             [nn.Conv2d(in_channels, widths[0], kernel_size=5, padding=2, bias=False)]
-            + [nn.Conv2d(widths[k], widths[k + 1], kernel_size=3, padding=1, bias=False) for k in range(extra_layers)]
+            + [
+                nn.Conv2d(widths[k], widths[k + 1], kernel_size=3, padding=1, bias=False)
+                for k in range(extra_layers)
+            ]
         )
         self.norms = nn.ModuleList([nn.BatchNorm2d(w) for w in widths])
         self.widths = widths
@@ -48,7 +54,9 @@ class LeNetEncoder(ContextEncoder):
         if not 1 <= blocks <= len(self.convs):
             raise ValueError(f"LeNetEncoder has {len(self.convs)} blocks; cannot keep {blocks}.")
         if self.proj is not None and blocks < len(self.convs):
-            raise ValueError("Cannot truncate a LeNetEncoder with an output projection (its input width would change).")
+            raise ValueError(
+                "Cannot truncate a LeNetEncoder with an output projection (its input width would change)."
+            )
         self.convs, self.norms = self.convs[:blocks], self.norms[:blocks]
         self.widths = self.widths[:blocks]
         self.output_dim = int(self.widths[-1])

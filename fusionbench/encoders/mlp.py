@@ -1,4 +1,5 @@
 """Multi-layer perceptron encoder for feature vectors (omics views, pre-extracted features)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -24,7 +25,9 @@ class MLPEncoder(ContextEncoder):
     that layer's input.
     """
 
-    def __init__(self, input_dim: int, hidden_dims: Sequence[int] = (64,), dropout: float = 0.0, norm: str = "none") -> None:
+    def __init__(
+        self, input_dim: int, hidden_dims: Sequence[int] = (64,), dropout: float = 0.0, norm: str = "none"
+    ) -> None:
         super().__init__()
         if norm not in _NORMS:
             raise ValueError(f"norm must be one of {sorted(_NORMS)}, got {norm!r}")

@@ -20,10 +20,10 @@ from fusionbench.errors import ConfigError
 
 class PatchEncoder(ContextEncoder):
     """Args:
-        in_channels: image channels (1 for AV-MNIST).
-        image_size: side of the square input (AV-MNIST image 28, audio spectrogram 112).
-        patch_size: side of a patch; must divide ``image_size`` (MBT on AV-MNIST: 7 and 16).
-        dim: token width, ``output_dim``.
+    in_channels: image channels (1 for AV-MNIST).
+    image_size: side of the square input (AV-MNIST image 28, audio spectrogram 112).
+    patch_size: side of a patch; must divide ``image_size`` (MBT on AV-MNIST: 7 and 16).
+    dim: token width, ``output_dim``.
     """
 
     def __init__(

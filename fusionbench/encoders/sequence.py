@@ -16,6 +16,7 @@ as an additive, bias-free projection on the per-step input map, which is the sam
 
 A zero context (or ``W = 0``) leaves both encoders unchanged.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,12 +52,19 @@ class LSTMEncoder(ContextEncoder):
     A context (`attach_context`, layer 0) is concatenated to every time step's input (module docstring).
     """
 
-    def __init__(self, in_features: int = 1, hidden: int = 128, layers: int = 1, dropout: float = 0.0) -> None:
+    def __init__(
+        self, in_features: int = 1, hidden: int = 128, layers: int = 1, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.in_features = int(in_features)
         self.hidden = int(hidden)
-        self.lstm = nn.LSTM(self.in_features, self.hidden, int(layers), batch_first=True,
-                            dropout=float(dropout) if layers > 1 else 0.0)
+        self.lstm = nn.LSTM(
+            self.in_features,
+            self.hidden,
+            int(layers),
+            batch_first=True,
+            dropout=float(dropout) if layers > 1 else 0.0,
+        )
         self.output_dim = self.hidden
 
     def join_widths(self) -> list[int]:
@@ -76,8 +84,17 @@ class LSTMEncoder(ContextEncoder):
         weights = list(lstm._flat_weights)
         weights[0] = torch.cat([weights[0], joint.proj.weight], dim=1)
         zeros = x.new_zeros(lstm.num_layers, b, lstm.hidden_size)
-        out, _, _ = torch._VF.lstm(xc, (zeros, zeros), weights, lstm.bias, lstm.num_layers,
-                                   float(lstm.dropout), self.training, lstm.bidirectional, lstm.batch_first)
+        out, _, _ = torch._VF.lstm(
+            xc,
+            (zeros, zeros),
+            weights,
+            lstm.bias,
+            lstm.num_layers,
+            float(lstm.dropout),
+            self.training,
+            lstm.bidirectional,
+            lstm.batch_first,
+        )
         return out[:, -1]
 
 

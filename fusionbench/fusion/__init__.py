@@ -1,6 +1,7 @@
 """Fusion methods, one file each. Contract: built from ``encoders`` and ``num_outputs``;
 ``forward(inputs) -> FusionOutput(logits, aux_loss, info)``; iterable models also provide
 ``step``/``predict`` (see base.py), which the Pro-Fusion wrapper uses."""
+
 from fusionbench.fusion.base import EncoderFusion, FusionOutput, FusionStep
 from fusionbench.fusion.concat import ConcatFusion
 from fusionbench.fusion.deq import DEQFusion

@@ -9,6 +9,7 @@ report ``fused_dim``; `EncoderFusion` provides all three. A model whose loss nee
 implement only ``fuse(embeddings)`` and ``fused_dim``; the prediction head is built from ``fused_dim``,
 so no dimension is ever written in YAML.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -37,7 +38,9 @@ class FusionStep(NamedTuple):
     extras: dict | None = None
 
 
-def mlp_head(in_dim: int, num_outputs: int, hidden: Sequence[int] = (), dropout: float = 0.0) -> nn.Sequential:
+def mlp_head(
+    in_dim: int, num_outputs: int, hidden: Sequence[int] = (), dropout: float = 0.0
+) -> nn.Sequential:
     """``[Linear -> ReLU -> Dropout]* -> Linear(num_outputs)``."""
     layers: list[nn.Module] = []
     for h in hidden:
@@ -109,11 +112,15 @@ class EncoderFusion(nn.Module):
         """The fused vector (B, fused_dim); baselines implement only this."""
         raise NotImplementedError
 
-    def combine(self, embeddings: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    def combine(
+        self, embeddings: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
         """(fused vector, aux_loss, info); methods with penalties or statistics (DEQ) override this."""
         return self.fuse(embeddings), None, {}
 
-    def step(self, inputs: Mapping[str, torch.Tensor], context: Mapping[str, torch.Tensor] | None = None) -> FusionStep:
+    def step(
+        self, inputs: Mapping[str, torch.Tensor], context: Mapping[str, torch.Tensor] | None = None
+    ) -> FusionStep:
         embeddings = self.encode(inputs, context)
         fused, aux_loss, info = self.combine(embeddings)
         return FusionStep(fused, aux_loss, info, embeddings)

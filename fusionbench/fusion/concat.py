@@ -1,4 +1,5 @@
 """Late fusion: concatenate the unimodal embeddings, then a head (MultiBench ``Concat``)."""
+
 from __future__ import annotations
 
 import torch

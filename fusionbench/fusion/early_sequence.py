@@ -8,6 +8,7 @@ encoders are read only for their per-step width (``in_features``, default 1) and
 model (and its parameter count) is exactly the joint network. Under Pro-Fusion the context joins the
 one ``joint`` encoder (concatenated to every time step of the stacked series).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -38,18 +39,20 @@ def build_joint(encoder: Any, in_features: int) -> nn.Module:
         raise ConfigError(f"fusion.encoder must be a config node or a partial, got {type(encoder).__name__}.")
     width = getattr(built, "in_features", None)
     if width is not None and int(width) != in_features:
-        raise ConfigError(f"The joint sequence encoder takes {width} features per step; the stacked inputs have {in_features}.")
+        raise ConfigError(
+            f"The joint sequence encoder takes {width} features per step; the stacked inputs have {in_features}."
+        )
     return built
 
 
 class EarlySequenceFusion(EncoderFusion):
     """Args:
-        encoders: the backbone's per-modality encoders; only their ``in_features`` (default 1) is read.
-        num_outputs: regression targets / classes.
-        encoder: the joint sequence encoder, built with ``in_features = sum of the modalities' widths``:
-            a Hydra ``_partial_`` node (as in ``configs/fusion/early_sequence.yaml``), a callable, or a
-            config mapping with ``_target_``.
-        head_hidden, head_dropout: the head (empty: one linear layer, as MultiBench).
+    encoders: the backbone's per-modality encoders; only their ``in_features`` (default 1) is read.
+    num_outputs: regression targets / classes.
+    encoder: the joint sequence encoder, built with ``in_features = sum of the modalities' widths``:
+        a Hydra ``_partial_`` node (as in ``configs/fusion/early_sequence.yaml``), a callable, or a
+        config mapping with ``_target_``.
+    head_hidden, head_dropout: the head (empty: one linear layer, as MultiBench).
     """
 
     def __init__(
@@ -88,7 +91,9 @@ class EarlySequenceFusion(EncoderFusion):
             parts.append(x)
         lengths = {m: p.shape[1] for m, p in zip(self.input_modalities, parts)}
         if len(set(lengths.values())) != 1:
-            raise ConfigError(f"Early sequence fusion needs equally long, aligned sequences; got lengths {lengths}.")
+            raise ConfigError(
+                f"Early sequence fusion needs equally long, aligned sequences; got lengths {lengths}."
+            )
         return torch.cat(parts, dim=-1)
 
     def encode(

@@ -6,6 +6,7 @@ factorised into rank-r modality factors, never forming the outer product:
 Every factor is a registered parameter. (MultiBench keeps its factors in a Python list created with
 ``nn.Parameter(...).to(device)``, so on GPU none of them is trained; a test guards against that.)
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,8 +18,8 @@ from fusionbench.fusion.tensor import append_one
 
 class LowRankTensorFusion(EncoderFusion):
     """Args:
-        rank: number of rank-one terms r.
-        output_dim: width d_out of the fused vector fed to the head.
+    rank: number of rank-one terms r.
+    output_dim: width d_out of the fused vector fed to the head.
     """
 
     def __init__(self, encoders, num_outputs: int, rank: int = 4, output_dim: int = 32, **head) -> None:
@@ -27,7 +28,10 @@ class LowRankTensorFusion(EncoderFusion):
         # std 1/sqrt(d+1) keeps each factor's output at unit scale, so the product over modalities
         # neither vanishes nor explodes (Xavier on the 3-D factor shrinks it by ~N orders of magnitude).
         self.factors = nn.ParameterDict(
-            {m: nn.Parameter(torch.randn(rank, d + 1, output_dim) / (d + 1) ** 0.5) for m, d in self.embed_dims.items()}
+            {
+                m: nn.Parameter(torch.randn(rank, d + 1, output_dim) / (d + 1) ** 0.5)
+                for m, d in self.embed_dims.items()
+            }
         )
         self.rank_weights = nn.Parameter(nn.init.xavier_normal_(torch.empty(1, rank)))
         self.bias = nn.Parameter(torch.zeros(output_dim))

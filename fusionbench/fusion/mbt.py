@@ -35,17 +35,17 @@ from fusionbench.fusion.base import EncoderFusion, FusionStep
 
 class MBTFusion(EncoderFusion):
     """Args:
-        encoders: one token (or vector) encoder per modality.
-        num_outputs: classes.
-        dim: transformer width (64).
-        depth: transformer layers per modality (4).
-        fusion_layer: first layer with bottleneck tokens, 0..depth (2; depth = no fusion before the CLS average).
-        num_bottlenecks: shared bottleneck tokens (4).
-        heads: attention heads (4).
-        mlp_dim: hidden width of each transformer MLP (256).
-        dropout: dropout inside the transformer layers.
-        head_hidden: hidden widths of the head on the averaged CLS token (none: linear).
-        head_dropout: dropout inside the head.
+    encoders: one token (or vector) encoder per modality.
+    num_outputs: classes.
+    dim: transformer width (64).
+    depth: transformer layers per modality (4).
+    fusion_layer: first layer with bottleneck tokens, 0..depth (2; depth = no fusion before the CLS average).
+    num_bottlenecks: shared bottleneck tokens (4).
+    heads: attention heads (4).
+    mlp_dim: hidden width of each transformer MLP (256).
+    dropout: dropout inside the transformer layers.
+    head_hidden: hidden widths of the head on the averaged CLS token (none: linear).
+    head_dropout: dropout inside the head.
     """
 
     def __init__(

@@ -42,15 +42,15 @@ AVMNIST_LAYERS = {"image": (1, 2), "audio": (3, 4)}  # I2, I3 / A4, A5 of Figure
 
 class MFASFusion(EncoderFusion):
     """Args:
-        encoders: one layered encoder per modality (``layer_outputs(x, context)`` and ``widths``,
-            i.e. `LeNetEncoder`).
-        num_outputs: classes.
-        layers: modality -> 0-based encoder block fused by each cell (AV-MNIST: image [1, 2], audio [3, 4]).
-        activations: activation of each cell (``relu``, ``sigmoid``, ``leaky_relu``); its length is
-            the number of cells.
-        hidden_dim: width of every cell, MFAS's ``rep_size`` (16).
-        head_hidden: hidden widths of the head after the last cell (MFAS: none).
-        head_dropout: dropout inside the head.
+    encoders: one layered encoder per modality (``layer_outputs(x, context)`` and ``widths``,
+        i.e. `LeNetEncoder`).
+    num_outputs: classes.
+    layers: modality -> 0-based encoder block fused by each cell (AV-MNIST: image [1, 2], audio [3, 4]).
+    activations: activation of each cell (``relu``, ``sigmoid``, ``leaky_relu``); its length is
+        the number of cells.
+    hidden_dim: width of every cell, MFAS's ``rep_size`` (16).
+    head_hidden: hidden widths of the head after the last cell (MFAS: none).
+    head_dropout: dropout inside the head.
     """
 
     def __init__(

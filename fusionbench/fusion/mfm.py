@@ -117,22 +117,22 @@ def reconstruction_loss(logits: torch.Tensor, x: torch.Tensor, kind: str) -> tor
 
 class MFMFusion(EncoderFusion):
     """Args:
-        encoders: one encoder per modality (AV-MNIST: LeNet 48 / 192; each gets a Linear to ``latent_dim``).
-        num_outputs: classes.
-        latent_dim: width of the unimodal codes z_m (200).
-        joint_hidden: hidden width of the joint MLP J (200).
-        joint_dim: width of the joint factor f, the fused vector (100).
-        private_hidden: hidden width of the modality-specific MLPs I_m (100).
-        private_dim: width of a_m (100).
-        decoder_channels: channels of the last DeLeNet block (6, as the encoders).
-        decoder_hidden: hidden width of the MLP decoder used for vector inputs.
-        ce_weight: MultiBench's weight of the classification loss (2); divides the reconstruction weight.
-        recon_weight: weight of each modality's reconstruction loss (1).
-        recon_loss: ``bce``, ``multibench`` or ``mse`` (module docstring).
-        input_shapes: per-sample shape of each modality's input; None: the encoders' ``input_dim``
-            (LeNet has none: AV-MNIST sets ``{image: [1, 28, 28], audio: [1, 112, 112]}``).
-        head_hidden: hidden widths of the prediction head ([40]).
-        head_dropout: dropout inside the head.
+    encoders: one encoder per modality (AV-MNIST: LeNet 48 / 192; each gets a Linear to ``latent_dim``).
+    num_outputs: classes.
+    latent_dim: width of the unimodal codes z_m (200).
+    joint_hidden: hidden width of the joint MLP J (200).
+    joint_dim: width of the joint factor f, the fused vector (100).
+    private_hidden: hidden width of the modality-specific MLPs I_m (100).
+    private_dim: width of a_m (100).
+    decoder_channels: channels of the last DeLeNet block (6, as the encoders).
+    decoder_hidden: hidden width of the MLP decoder used for vector inputs.
+    ce_weight: MultiBench's weight of the classification loss (2); divides the reconstruction weight.
+    recon_weight: weight of each modality's reconstruction loss (1).
+    recon_loss: ``bce``, ``multibench`` or ``mse`` (module docstring).
+    input_shapes: per-sample shape of each modality's input; None: the encoders' ``input_dim``
+        (LeNet has none: AV-MNIST sets ``{image: [1, 28, 28], audio: [1, 112, 112]}``).
+    head_hidden: hidden widths of the prediction head ([40]).
+    head_dropout: dropout inside the head.
     """
 
     def __init__(

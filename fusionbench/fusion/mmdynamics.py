@@ -16,6 +16,7 @@ this code uses r = 1.5 (fused CE x 1.5^3 for three views), an undocumented chang
 reported "+ DEQ" numbers, so ``fusion=mmdynamics_deq`` sets 1.5.
 All Linear layers start Xavier-normal with zero bias, as in MM-Dynamics.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -27,7 +28,7 @@ from torch import nn
 from fusionbench.encoders.identity import IdentityEncoder
 from fusionbench.errors import ConfigError
 from fusionbench.fusion.base import EncoderFusion, FusionOutput, FusionStep, as_module_dict
-from fusionbench.fusion.deq import set_dropout
+from fusionbench.fusion.deq.model import set_dropout
 
 
 def _xavier(module: nn.Module) -> None:
@@ -39,11 +40,11 @@ def _xavier(module: nn.Module) -> None:
 
 class MMDynamics(nn.Module):
     """Args:
-        encoders: one encoder per view, each reporting ``input_dim`` and ``output_dim``.
-        num_outputs: number of classes.
-        fusion: partial fusion model, called with identity encoders of the views' hidden widths and
-            ``num_outputs`` (e.g. `ConcatFusion` or `DEQFusion`).
-        view_loss_recursion: r of the loss recursion (module docstring).
+    encoders: one encoder per view, each reporting ``input_dim`` and ``output_dim``.
+    num_outputs: number of classes.
+    fusion: partial fusion model, called with identity encoders of the views' hidden widths and
+        ``num_outputs`` (e.g. `ConcatFusion` or `DEQFusion`).
+    view_loss_recursion: r of the loss recursion (module docstring).
     """
 
     def __init__(
@@ -59,14 +60,19 @@ class MMDynamics(nn.Module):
         self.view_loss_recursion = view_loss_recursion
         missing = [m for m in self.modalities if not hasattr(self.encoders[m], "input_dim")]
         if missing:
-            raise ConfigError(f"MM-Dynamics gates raw features and needs encoders reporting `input_dim`; {missing} do not.")
+            raise ConfigError(
+                f"MM-Dynamics gates raw features and needs encoders reporting `input_dim`; {missing} do not."
+            )
         dims = {m: int(self.encoders[m].input_dim) for m in self.modalities}
         hidden = {m: int(self.encoders[m].output_dim) for m in self.modalities}
         self.informativeness = nn.ModuleDict({m: nn.Linear(dims[m], dims[m]) for m in self.modalities})
         self.tcp_classifier = nn.ModuleDict({m: nn.Linear(hidden[m], num_outputs) for m in self.modalities})
         self.tcp_confidence = nn.ModuleDict({m: nn.Linear(hidden[m], 1) for m in self.modalities})
         _xavier(self)
-        self.fusion = fusion(encoders=nn.ModuleDict({m: IdentityEncoder(hidden[m]) for m in self.modalities}), num_outputs=num_outputs)
+        self.fusion = fusion(
+            encoders=nn.ModuleDict({m: IdentityEncoder(hidden[m]) for m in self.modalities}),
+            num_outputs=num_outputs,
+        )
         # a fusion that sets the dropout of the encoders feeding it (DEQ fusion's encoder_dropout) means these view encoders
         set_dropout(self.encoders, getattr(self.fusion, "encoder_dropout", None))
         _xavier(self.fusion.head)
@@ -79,12 +85,18 @@ class MMDynamics(nn.Module):
         features, extras = {}, {"gate": {}, "tcp_logits": {}, "confidence": {}}
         for m in self.modalities:
             if m not in inputs:
-                raise ConfigError(f"The batch has modalities {sorted(inputs)}; MM-Dynamics needs {self.modalities}.")
+                raise ConfigError(
+                    f"The batch has modalities {sorted(inputs)}; MM-Dynamics needs {self.modalities}."
+                )
             x = inputs[m].flatten(1)
             gate = torch.sigmoid(self.informativeness[m](x))
             h = self.encoders[m](gate * x, context.get(m))
             conf = self.tcp_confidence[m](h)
-            extras["gate"][m], extras["tcp_logits"][m], extras["confidence"][m] = gate, self.tcp_classifier[m](h), conf
+            extras["gate"][m], extras["tcp_logits"][m], extras["confidence"][m] = (
+                gate,
+                self.tcp_classifier[m](h),
+                conf,
+            )
             features[m] = h * conf
         return features, extras
 
@@ -92,10 +104,15 @@ class MMDynamics(nn.Module):
     def fused_dim(self) -> int:
         return self.fusion.fused_dim
 
-    def step(self, inputs: Mapping[str, torch.Tensor], context: Mapping[str, torch.Tensor] | None = None) -> FusionStep:
+    def step(
+        self, inputs: Mapping[str, torch.Tensor], context: Mapping[str, torch.Tensor] | None = None
+    ) -> FusionStep:
         features, extras = self.features(inputs, context)
         fused, aux, info = self.fusion.combine(features)
-        info = {**info, **{f"mmd/confidence_{m}": extras["confidence"][m].detach().mean() for m in self.modalities}}
+        info = {
+            **info,
+            **{f"mmd/confidence_{m}": extras["confidence"][m].detach().mean() for m in self.modalities},
+        }
         return FusionStep(fused, aux, info, features, extras)
 
     def predict(self, step: FusionStep) -> FusionOutput:

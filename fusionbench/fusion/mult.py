@@ -33,6 +33,7 @@ Under Pro-Fusion the context joins each group's projection (`GroupProjection`): 
 return sequences (B, T, dim), so Pro-Fusion's ``feedback=own`` (which back-projects an encoder's own
 output) is not supported; ``feedback=fused`` is.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,13 +51,15 @@ from fusionbench.fusion.base import EncoderFusion
 def split_groups(modalities: Sequence[str], groups: int) -> list[list[str]]:
     """MultiBench's ``Grouping``: group i = sorted modalities ``[n*i//G, n*(i+1)//G)``."""
     names, n = sorted(modalities), len(modalities)
-    return [names[n * i // groups: n * (i + 1) // groups] for i in range(groups)]
+    return [names[n * i // groups : n * (i + 1) // groups] for i in range(groups)]
 
 
 def sinusoidal_positions(length: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """MulT's (fairseq's) table for positions 1..T: ``[sin | cos | 0 if dim is odd]``, (T, dim)."""
     half = dim // 2
-    freq = torch.exp(torch.arange(half, device=device, dtype=torch.float32) * -(math.log(10000.0) / max(half - 1, 1)))
+    freq = torch.exp(
+        torch.arange(half, device=device, dtype=torch.float32) * -(math.log(10000.0) / max(half - 1, 1))
+    )
     angle = torch.arange(1, length + 1, device=device, dtype=torch.float32).unsqueeze(1) * freq
     table = torch.cat([torch.sin(angle), torch.cos(angle), angle.new_zeros(length, dim - 2 * half)], dim=1)
     return table.to(dtype)
@@ -91,8 +94,9 @@ class CrossmodalLayer(nn.Module):
     """One pre-LayerNorm block of MulT's ``TransformerEncoderLayer``. With a source (key, value) it is a
     crossmodal block, otherwise self-attention. The same LayerNorm normalises query, key and value."""
 
-    def __init__(self, dim: int, heads: int, attn_dropout: float, relu_dropout: float, res_dropout: float,
-                 ff_mult: int) -> None:
+    def __init__(
+        self, dim: int, heads: int, attn_dropout: float, relu_dropout: float, res_dropout: float, ff_mult: int
+    ) -> None:
         super().__init__()
         self.attn = nn.MultiheadAttention(dim, heads, dropout=attn_dropout, batch_first=True)
         self.norm_attn = nn.LayerNorm(dim)
@@ -105,8 +109,13 @@ class CrossmodalLayer(nn.Module):
         self.relu_dropout = float(relu_dropout)
         self.res_dropout = float(res_dropout)
 
-    def forward(self, x: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         q = self.norm_attn(x)
         k = q if key is None else self.norm_attn(key)
         v = q if value is None else self.norm_attn(value)
@@ -123,15 +132,27 @@ class MulTEncoder(nn.Module):
     ``layers`` blocks, a final LayerNorm. ``forward(x, source)`` is the crossmodal transformer
     CM_{source->x}; ``forward(x)`` the self-attention memory."""
 
-    def __init__(self, dim: int, heads: int, layers: int, attn_dropout: float, relu_dropout: float,
-                 res_dropout: float, embed_dropout: float, ff_mult: int, positions: bool, causal: bool) -> None:
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        layers: int,
+        attn_dropout: float,
+        relu_dropout: float,
+        res_dropout: float,
+        embed_dropout: float,
+        ff_mult: int,
+        positions: bool,
+        causal: bool,
+    ) -> None:
         super().__init__()
         self.dim = int(dim)
         self.positions = bool(positions)
         self.causal = bool(causal)
         self.embed_dropout = float(embed_dropout)
         self.layers = nn.ModuleList(
-            CrossmodalLayer(dim, heads, attn_dropout, relu_dropout, res_dropout, ff_mult) for _ in range(int(layers))
+            CrossmodalLayer(dim, heads, attn_dropout, relu_dropout, res_dropout, ff_mult)
+            for _ in range(int(layers))
         )
         self.norm = nn.LayerNorm(dim)
 
@@ -145,7 +166,11 @@ class MulTEncoder(nn.Module):
         t_q = x.shape[1]
         t_k = t_q if source is None else source.shape[1]
         # MulT's buffered_future_mask: step t sees source steps <= t (True = masked)
-        mask = torch.ones(t_q, t_k, dtype=torch.bool, device=x.device).triu(1 + abs(t_k - t_q)) if self.causal else None
+        mask = (
+            torch.ones(t_q, t_k, dtype=torch.bool, device=x.device).triu(1 + abs(t_k - t_q))
+            if self.causal
+            else None
+        )
         # key and value get their own embedding dropout (MulT embeds them separately)
         key, value = (None, None) if source is None else (self.embed(source), self.embed(source))
         h = self.embed(x)
@@ -156,25 +181,25 @@ class MulTEncoder(nn.Module):
 
 class MulTFusion(EncoderFusion):
     """Args:
-        encoders: the backbone's per-stock encoders; only their ``in_features`` (default 1) is read, then
-            they are dropped: the model is MulT's network alone.
-        num_outputs: regression targets / classes.
-        groups: G, contiguous groups of the sorted modalities (MultiBench: 3).
-        group_members: explicit groups (lists of modality keys, every modality exactly once); overrides ``groups``.
-        dim: MulT's embedding width d (MultiBench finance: 9).
-        heads: attention heads (3); ``dim`` must be divisible by it.
-        layers: crossmodal layers (3).
-        self_layers: layers of each target's self-attention memory transformer (3).
-        attn_dropout: attention dropout of the memory transformers (0.1).
-        cross_attn_dropout: attention dropout of the crossmodal transformers (MultiBench: 0).
-        relu_dropout, res_dropout: dropout after the feed-forward ReLU / on each residual branch (0.1).
-        embed_dropout: dropout on every transformer's scaled, position-encoded input (0.25).
-        out_dropout: dropout inside the final residual block (0).
-        ff_mult: feed-forward width as a multiple of the transformer width (4).
-        positions: add sinusoidal positions to every transformer input.
-        causal: causal attention masks (MultiBench's ``attn_mask=True``).
-        attend_self: also run CM_{i->i} (MultiBench's finance MulT); false = the paper's j != i only.
-        head_hidden, head_dropout: the head (empty: one linear layer, as MulT's ``out_layer``).
+    encoders: the backbone's per-stock encoders; only their ``in_features`` (default 1) is read, then
+        they are dropped: the model is MulT's network alone.
+    num_outputs: regression targets / classes.
+    groups: G, contiguous groups of the sorted modalities (MultiBench: 3).
+    group_members: explicit groups (lists of modality keys, every modality exactly once); overrides ``groups``.
+    dim: MulT's embedding width d (MultiBench finance: 9).
+    heads: attention heads (3); ``dim`` must be divisible by it.
+    layers: crossmodal layers (3).
+    self_layers: layers of each target's self-attention memory transformer (3).
+    attn_dropout: attention dropout of the memory transformers (0.1).
+    cross_attn_dropout: attention dropout of the crossmodal transformers (MultiBench: 0).
+    relu_dropout, res_dropout: dropout after the feed-forward ReLU / on each residual branch (0.1).
+    embed_dropout: dropout on every transformer's scaled, position-encoded input (0.25).
+    out_dropout: dropout inside the final residual block (0).
+    ff_mult: feed-forward width as a multiple of the transformer width (4).
+    positions: add sinusoidal positions to every transformer input.
+    causal: causal attention masks (MultiBench's ``attn_mask=True``).
+    attend_self: also run CM_{i->i} (MultiBench's finance MulT); false = the paper's j != i only.
+    head_hidden, head_dropout: the head (empty: one linear layer, as MulT's ``out_layer``).
     """
 
     def __init__(
@@ -202,25 +227,47 @@ class MulTFusion(EncoderFusion):
         self.input_modalities = sorted(encoders)
         if dim % heads:
             raise ConfigError(f"MulT needs fusion.dim ({dim}) divisible by fusion.heads ({heads}).")
-        members = self.check_groups(group_members) if group_members is not None else self.default_groups(groups)
+        members = (
+            self.check_groups(group_members) if group_members is not None else self.default_groups(groups)
+        )
         self.step_features = {m: int(getattr(encoders[m], "in_features", 1)) for m in self.input_modalities}
         self.group_names = [f"g{i}" for i in range(len(members))]
         self.members = dict(zip(self.group_names, members))
-        projections = {g: GroupProjection(sum(self.step_features[m] for m in ms), dim) for g, ms in self.members.items()}
+        projections = {
+            g: GroupProjection(sum(self.step_features[m] for m in ms), dim) for g, ms in self.members.items()
+        }
         super().__init__(nn.ModuleDict(projections), num_outputs, **head)
-        self.modalities = list(self.group_names)  # g0 < g1 < ... < g9 sort the same; keep the numeric order beyond
+        self.modalities = list(
+            self.group_names
+        )  # g0 < g1 < ... < g9 sort the same; keep the numeric order beyond
         self.sources = {i: [j for j in self.group_names if attend_self or j != i] for i in self.group_names}
         width = dim * len(self.sources[self.group_names[0]])  # one target's concatenated crossmodal streams
-        common = {"heads": heads, "relu_dropout": relu_dropout, "res_dropout": res_dropout,
-                  "embed_dropout": embed_dropout, "ff_mult": ff_mult, "positions": positions, "causal": causal}
-        self.cross = nn.ModuleDict({
-            i: nn.ModuleDict({j: MulTEncoder(dim, layers=layers, attn_dropout=cross_attn_dropout, **common)
-                              for j in self.sources[i]})
-            for i in self.group_names
-        })
-        self.memory = nn.ModuleDict({
-            i: MulTEncoder(width, layers=self_layers, attn_dropout=attn_dropout, **common) for i in self.group_names
-        })
+        common = {
+            "heads": heads,
+            "relu_dropout": relu_dropout,
+            "res_dropout": res_dropout,
+            "embed_dropout": embed_dropout,
+            "ff_mult": ff_mult,
+            "positions": positions,
+            "causal": causal,
+        }
+        self.cross = nn.ModuleDict(
+            {
+                i: nn.ModuleDict(
+                    {
+                        j: MulTEncoder(dim, layers=layers, attn_dropout=cross_attn_dropout, **common)
+                        for j in self.sources[i]
+                    }
+                )
+                for i in self.group_names
+            }
+        )
+        self.memory = nn.ModuleDict(
+            {
+                i: MulTEncoder(width, layers=self_layers, attn_dropout=attn_dropout, **common)
+                for i in self.group_names
+            }
+        )
         self.fused_dim = width * len(self.group_names)
         self.proj1 = nn.Linear(self.fused_dim, self.fused_dim)
         self.proj2 = nn.Linear(self.fused_dim, self.fused_dim)
@@ -229,7 +276,9 @@ class MulTFusion(EncoderFusion):
 
     def default_groups(self, groups: int) -> list[list[str]]:
         if groups < 2:
-            raise ConfigError(f"MulT fuses groups of modalities across each other: fusion.groups must be >= 2, got {groups}.")
+            raise ConfigError(
+                f"MulT fuses groups of modalities across each other: fusion.groups must be >= 2, got {groups}."
+            )
         if len(self.input_modalities) < groups:
             raise ConfigError(
                 f"MulT splits the modalities into fusion.groups={groups} groups but there are only "
@@ -254,16 +303,22 @@ class MulTFusion(EncoderFusion):
         """``{group: (B, T, sum of its members' widths)}``, members in sorted order."""
         missing = [m for m in self.input_modalities if m not in inputs]
         if missing:
-            raise ConfigError(f"The batch has modalities {sorted(inputs)}; MulT needs {self.input_modalities} (missing {missing}).")
+            raise ConfigError(
+                f"The batch has modalities {sorted(inputs)}; MulT needs {self.input_modalities} (missing {missing})."
+            )
         series = {}
         for m in self.input_modalities:
             x = inputs[m].unsqueeze(-1) if inputs[m].dim() == 2 else inputs[m]
             if x.dim() != 3 or x.shape[-1] != self.step_features[m]:
-                raise ConfigError(f"MulT expects '{m}' as (batch, time, {self.step_features[m]}), got {tuple(inputs[m].shape)}.")
+                raise ConfigError(
+                    f"MulT expects '{m}' as (batch, time, {self.step_features[m]}), got {tuple(inputs[m].shape)}."
+                )
             series[m] = x
         lengths = {m: x.shape[1] for m, x in series.items()}
         if len(set(lengths.values())) != 1:
-            raise ConfigError(f"MulT (as MultiBench's finance model) needs equally long, aligned series; got lengths {lengths}.")
+            raise ConfigError(
+                f"MulT (as MultiBench's finance model) needs equally long, aligned series; got lengths {lengths}."
+            )
         return {g: torch.cat([series[m] for m in ms], dim=-1) for g, ms in self.members.items()}
 
     def encode(

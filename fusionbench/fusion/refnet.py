@@ -12,7 +12,7 @@ MultiBench's model: image ``Sequential(LeNet, Linear(48, 192))``, audio LeNet(19
 the cosine "self-supervised" term on the flattened raw inputs, its weight 0.1. Choices:
 - slices of R(h) follow the sorted modality order (audio, then image) where MultiBench uses its list
   order (image, audio); the two are a permutation of R's output units, so the model class is the same.
-- ``aux_loss`` is the already weighted term (keep the task's ``aux_weight`` at 1). It is computed in
+- ``aux_loss`` is the already weighted term (``ref_weight``). It is computed in
   `step` from the inputs the encoders saw, so Pro-Fusion's last step carries it.
 - The refiner needs the raw input sizes: ``input_shapes`` (per modality) or, for vector encoders,
   their ``input_dim``. LeNet encoders do not know their input size, so AV-MNIST configs set
@@ -83,15 +83,15 @@ def flat_input(x: torch.Tensor, size: int, modality: str, method: str) -> torch.
 
 class RefNetFusion(EncoderFusion):
     """Args:
-        encoders: one encoder per modality.
-        num_outputs: classes.
-        embed_dim: width every embedding is linearly projected to before concatenation (only those
-            whose width differs get a projection; MultiBench: 192). None: no projection.
-        refiner_hidden: hidden width of the refiner MLP (1000).
-        ref_weight: weight of the summed cosine-embedding terms (0.1).
-        input_shapes: per-sample shape of each modality's input (see module docstring).
-        head_hidden: hidden widths of the prediction head ([100]).
-        head_dropout: dropout inside the head.
+    encoders: one encoder per modality.
+    num_outputs: classes.
+    embed_dim: width every embedding is linearly projected to before concatenation (only those
+        whose width differs get a projection; MultiBench: 192). None: no projection.
+    refiner_hidden: hidden width of the refiner MLP (1000).
+    ref_weight: weight of the summed cosine-embedding terms (0.1).
+    input_shapes: per-sample shape of each modality's input (see module docstring).
+    head_hidden: hidden widths of the prediction head ([100]).
+    head_dropout: dropout inside the head.
     """
 
     def __init__(

@@ -1,4 +1,5 @@
 """Sum fusion: ``h = sum_i z_i`` over equal-width unimodal embeddings."""
+
 from __future__ import annotations
 
 import torch

@@ -3,6 +3,7 @@ each extended by a constant 1 so unimodal and lower-order terms survive:
 
     h = vec([z_1; 1] (x) [z_2; 1] (x) ... (x) [z_N; 1]),   dim h = prod_i (d_i + 1).
 """
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Unimodal baseline: one modality's encoder and a head; the other modalities are not used."""
+
 from __future__ import annotations
 
 import torch
@@ -10,8 +11,8 @@ from fusionbench.fusion.base import EncoderFusion
 
 class UnimodalModel(EncoderFusion):
     """Args:
-        modality: which encoder to use; may be omitted when exactly one encoder is given
-            (``dataset.modalities=[mrna]`` loads only that view).
+    modality: which encoder to use; may be omitted when exactly one encoder is given
+        (``dataset.modalities=[mrna]`` loads only that view).
     """
 
     def __init__(self, encoders, num_outputs: int, modality: str | None = None, **head) -> None:

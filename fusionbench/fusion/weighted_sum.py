@@ -4,6 +4,7 @@
 
 with one learnable scalar w_i per modality (initialised to 1, as in the public DEQ code).
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,7 +15,7 @@ from fusionbench.fusion.base import EncoderFusion, require_equal_dims
 
 class WeightedSumFusion(EncoderFusion):
     """Args:
-        bias: add a learnable scalar b (the generic public DEQ module has one, eq. 12 does not).
+    bias: add a learnable scalar b (the generic public DEQ module has one, eq. 12 does not).
     """
 
     def __init__(self, encoders, num_outputs: int, bias: bool = False, **head) -> None:

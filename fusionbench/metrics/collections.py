@@ -12,6 +12,7 @@ the same over samples whose target is not 0, comparing ``> 0`` (MultiBench's def
 
 For two classes the macro one-vs-rest AUROC equals the usual binary AUROC.
 """
+
 from __future__ import annotations
 
 import torch
@@ -49,7 +50,9 @@ class SignAccuracy(tm.Metric):
 EXTRAS = {"acc2_has0": lambda: SignAccuracy("has0"), "acc2_non0": lambda: SignAccuracy("non0")}
 
 
-def make_metrics(task_type: str, num_outputs: int, extra: tuple[str, ...] | list[str] = ()) -> MetricCollection:
+def make_metrics(
+    task_type: str, num_outputs: int, extra: tuple[str, ...] | list[str] = ()
+) -> MetricCollection:
     unknown = [e for e in extra if e not in EXTRAS]
     if unknown:
         raise ValueError(f"unknown extra metrics {unknown}; known: {sorted(EXTRAS)}")
@@ -80,12 +83,18 @@ def _base_metrics(task_type: str, num_outputs: int) -> MetricCollection:
         )
     if task_type == "regression":
         return MetricCollection(
-            {"mse": tm.MeanSquaredError(), "mae": tm.MeanAbsoluteError(), "pearson": tm.PearsonCorrCoef(num_outputs)}
+            {
+                "mse": tm.MeanSquaredError(),
+                "mae": tm.MeanAbsoluteError(),
+                "pearson": tm.PearsonCorrCoef(num_outputs),
+            }
         )
     raise ValueError(f"unknown task_type {task_type!r}")
 
 
-def prepare_for_metrics(task_type: str, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def prepare_for_metrics(
+    task_type: str, logits: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn model outputs into what the collection expects (probabilities, integer labels, ...)."""
     if task_type == "multiclass":
         return logits.softmax(-1), target.long()

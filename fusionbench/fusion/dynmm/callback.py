@@ -1,6 +1,6 @@
 """Drives DynMM's two-stage training (`fusionbench.fusion.dynmm.DynMMFusion`) from Lightning's epoch loop.
 
-Add it as ``+callbacks.dynmm={_target_: fusionbench.dynmm_callback.DynMMCallback}``; it does nothing for
+Add it as ``+callbacks.dynmm={_target_: fusionbench.fusion.dynmm.callback.DynMMCallback}``; it does nothing for
 models without a DynMM fusion. It
 
 - at ``setup`` runs the model once on one training batch (eval mode, no gradients), so that the lazy
@@ -16,23 +16,27 @@ models without a DynMM fusion. It
 - keeps early stopping out of stage I and restarts its patience and best score at the switch to stage II
   (the stage-I output, the uniform mixture of the experts, is not comparable with the gated one). An
   `EarlyStopping` that monitors a ``val/stage2_*`` metric must set ``check_finite: false`` (its stage-I
-  values are infinite).
+  values are infinite);
+- adds to the run record (`record`) the tested model's measured ms/sample, routed vs every expert
+  (``dynmm_timing``, `fusionbench.fusion.dynmm.timing`), unless ``timing.samples`` is 0.
 
 Under DDP, a run that switches stage needs ``trainer.strategy=ddp_find_unused_parameters_true`` (the gate
 has no gradient in stage I, frozen experts none in stage II); a run that starts in stage II from
 ``stage1_ckpt`` with frozen experts works with plain DDP.
 """
+
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
 from fusionbench.errors import ConfigError
-from fusionbench.fusion.dynmm import DynMMFusion
+from fusionbench.fusion.dynmm.model import DynMMFusion
 
 log = logging.getLogger("fusionbench")
 
@@ -47,12 +51,19 @@ def stage2_name(metric: str) -> str:
 
 class DynMMCallback(pl.Callback):
     """Args:
-        metrics: ``{validation metric: mode}`` to log as ``val/stage2_<name>`` (default ``{val/loss: min}``).
-        manage_early_stopping: keep `EarlyStopping` callbacks from stopping in stage I and restart them at
-            the switch to stage II.
+    metrics: ``{validation metric: mode}`` to log as ``val/stage2_<name>`` (default ``{val/loss: min}``).
+    manage_early_stopping: keep `EarlyStopping` callbacks from stopping in stage I and restart them at
+        the switch to stage II.
+    timing: ``{samples, batch_sizes, repeats}`` of the inference timing in the run record (samples 0: off).
     """
 
-    def __init__(self, metrics: Mapping[str, str] | None = None, manage_early_stopping: bool = True) -> None:
+    def __init__(
+        self,
+        metrics: Mapping[str, str] | None = None,
+        manage_early_stopping: bool = True,
+        timing: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.timing = dict(timing or {})
         self.metrics = dict(metrics) if metrics is not None else {"val/loss": "min"}
         for name, mode in self.metrics.items():
             if mode not in MODES:
@@ -78,7 +89,9 @@ class DynMMCallback(pl.Callback):
         switches = model.stage1_epochs > 0 and not model.stage1_loaded
         ddp_kwargs = getattr(trainer.strategy, "_ddp_kwargs", None)
         if switches and ddp_kwargs is not None and not ddp_kwargs.get("find_unused_parameters", False):
-            name = "ddp_spawn" if getattr(trainer.strategy.launcher, "_start_method", None) == "spawn" else "ddp"
+            name = (
+                "ddp_spawn" if getattr(trainer.strategy.launcher, "_start_method", None) == "spawn" else "ddp"
+            )
             raise ConfigError(
                 "DynMM switches from stage I (gate without gradient) to stage II in this run, which plain DDP refuses; "
                 f"set trainer.strategy={name}_find_unused_parameters_true, or train stage I in a run of its own and "
@@ -91,13 +104,21 @@ class DynMMCallback(pl.Callback):
                     f"Early stopping monitors {monitor}, which is infinite in DynMM's stage I; set "
                     "callbacks.early_stopping.check_finite=false (or monitor another metric)."
                 )
-            if isinstance(cb, ModelCheckpoint) and monitor and "stage2_" not in monitor and model.stage1_epochs > 0 \
-                    and not model.stage1_loaded:
+            if (
+                isinstance(cb, ModelCheckpoint)
+                and monitor
+                and "stage2_" not in monitor
+                and model.stage1_epochs > 0
+                and not model.stage1_loaded
+            ):
                 log.warning(
                     "Checkpoint selection monitors %s, which includes DynMM's stage-I epochs; DynMM experiments select on "
-                    "callbacks.model_checkpoint.monitor=val/stage2_loss.", monitor
+                    "callbacks.model_checkpoint.monitor=val/stage2_loss.",
+                    monitor,
                 )
-        needs_shapes = any(isinstance(p, torch.nn.parameter.UninitializedParameter) for p in model.parameters())
+        needs_shapes = any(
+            isinstance(p, torch.nn.parameter.UninitializedParameter) for p in model.parameters()
+        )
         dm = trainer.datamodule
         if dm is None or (not needs_shapes and bool(model.costs_measured)):
             return
@@ -128,8 +149,12 @@ class DynMMCallback(pl.Callback):
                     cb.stopped_epoch = 0
                     cb.best_score = torch.tensor(torch.inf if cb.monitor_op == torch.lt else -torch.inf)
         if stage != self._stage:
-            log.info("DynMM: epoch %d trains stage %s (temperature %.4g).", epoch, "I" if stage == 1 else "II",
-                     float(model.temperature))
+            log.info(
+                "DynMM: epoch %d trains stage %s (temperature %.4g).",
+                epoch,
+                "I" if stage == 1 else "II",
+                float(model.temperature),
+            )
         self._stage = stage
 
     # -- stage-II metrics for checkpoint selection ---------------------------------------------------
@@ -144,7 +169,37 @@ class DynMMCallback(pl.Callback):
                 continue
             if stage == 1:
                 value = torch.tensor(torch.inf if mode == "min" else -torch.inf)
-            pl_module.log(stage2_name(name), torch.as_tensor(value, dtype=torch.float32).detach(), on_step=False, on_epoch=True)
+            pl_module.log(
+                stage2_name(name),
+                torch.as_tensor(value, dtype=torch.float32).detach(),
+                on_step=False,
+                on_epoch=True,
+            )
+
+    # -- run record --------------------------------------------------------------------------------
+    def record(self, task: pl.LightningModule, datamodule: Any, tested: bool) -> dict[str, Any]:
+        """``{"dynmm_timing": ...}`` for a tested DynMM model (``task`` holds the tested weights). Never raises:
+        timing must not end a finished run; a failure is stored as ``{"error": ...}``."""
+        model = self.dynmm_model(task)
+        samples = int(self.timing.get("samples", 0))
+        if model is None or not tested or samples <= 0:
+            return {}
+        from fusionbench.fusion.dynmm.timing import first_test_inputs, time_routing
+
+        try:
+            device = next(task.parameters()).device
+            inputs = first_test_inputs(datamodule, samples, device)
+            timing = time_routing(
+                model, inputs, list(self.timing.get("batch_sizes", [1])), int(self.timing.get("repeats", 3))
+            )
+        except Exception as exc:  # noqa: BLE001
+            log.warning(
+                "Could not time DynMM's routing (%s: %s); the record stores the error.",
+                type(exc).__name__,
+                exc,
+            )
+            timing = {"error": f"{type(exc).__name__}: {exc}"}
+        return {"dynmm_timing": timing}
 
 
 __all__ = ["DynMMCallback", "stage2_name"]

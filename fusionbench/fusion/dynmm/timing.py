@@ -16,6 +16,7 @@ shares are the mean soft weights). `fusionbench.train` writes the
 result to a DynMM run's record as ``dynmm_timing`` (config ``dynmm_timing: {samples, batch_sizes,
 repeats}``; ``samples: 0`` turns it off); ``scripts/bench_dynmm.py`` runs it on finished runs.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -26,7 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fusionbench.fusion.dynmm import DynMMFusion, take
+from fusionbench.fusion.dynmm.model import DynMMFusion
+from fusionbench.fusion.dynmm.routing import take
 
 
 def find_dynmm(module: nn.Module) -> DynMMFusion | None:
@@ -51,7 +53,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _pass_ms(fn: Callable[[Any], Any], chunks: list[Any], n: int, repeats: int, device: torch.device) -> float:
+def _pass_ms(
+    fn: Callable[[Any], Any], chunks: list[Any], n: int, repeats: int, device: torch.device
+) -> float:
     times = []
     with torch.no_grad():
         fn(chunks[0])  # warm-up
@@ -65,8 +69,12 @@ def _pass_ms(fn: Callable[[Any], Any], chunks: list[Any], n: int, repeats: int, 
     return 1000.0 * statistics.median(times) / n
 
 
-def time_routing(model: DynMMFusion, inputs: Mapping[str, torch.Tensor], batch_sizes: Sequence[int] = (1,),
-                 repeats: int = 3) -> dict[str, Any]:
+def time_routing(
+    model: DynMMFusion,
+    inputs: Mapping[str, torch.Tensor],
+    batch_sizes: Sequence[int] = (1,),
+    repeats: int = 3,
+) -> dict[str, Any]:
     """Milliseconds per sample of routed inference, every expert, the gate and each expert (see the module)."""
     was_training = model.training
     model.eval()
@@ -77,7 +85,9 @@ def time_routing(model: DynMMFusion, inputs: Mapping[str, torch.Tensor], batch_s
         with torch.no_grad():
             gate_logits = model.gate(inputs)
             output = model(inputs).logits
-            every = torch.stack([o.logits for o in model._run_all(inputs).values()], dim=1)  # (n, experts, ...)
+            every = torch.stack(
+                [o.logits for o in model._run_all(inputs).values()], dim=1
+            )  # (n, experts, ...)
         if model.gating == "soft":  # every expert runs; the output is the mixture
             g = torch.softmax(gate_logits / float(model.temperature), dim=-1)
             expected = model._mix(g, list(every.unbind(dim=1)))
@@ -98,12 +108,19 @@ def time_routing(model: DynMMFusion, inputs: Mapping[str, torch.Tensor], batch_s
             chunks = [take(dict(inputs), slice(i, i + int(b))) for i in range(0, n, int(b))]
             ms = {
                 "routed": _pass_ms(model, chunks, n, repeats, device),
-                "every_expert": _pass_ms(lambda x: (model.gate(x), model._run_all(x)), chunks, n, repeats, device),
+                "every_expert": _pass_ms(
+                    lambda x: (model.gate(x), model._run_all(x)), chunks, n, repeats, device
+                ),
                 "gate": _pass_ms(model.gate, chunks, n, repeats, device),
             }
             for name in names:
-                ms[f"expert_{name}"] = _pass_ms(lambda x, name=name: model.experts[name](model.expert_inputs(x, name)),
-                                                 chunks, n, repeats, device)
+                ms[f"expert_{name}"] = _pass_ms(
+                    lambda x, name=name: model.experts[name](model.expert_inputs(x, name)),
+                    chunks,
+                    n,
+                    repeats,
+                    device,
+                )
             ms["speedup"] = ms["every_expert"] / ms["routed"] if ms["routed"] > 0 else None
             out["ms_per_sample"][str(int(b))] = ms
         return out

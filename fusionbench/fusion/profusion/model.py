@@ -29,6 +29,7 @@ Choices the paper leaves open, made explicit here:
 - ``feedback="own"`` is the "Iterative" ablation of Table 5 (Figure 12): encoder i is fed back its
   own previous output instead of the fused vector, so no information crosses modalities.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -78,7 +79,9 @@ def build_base(
     ``_target_``, or a callable (a Hydra ``_partial_`` node)."""
     if callable(base) and not isinstance(base, Mapping):
         if base_args:
-            raise ConfigError("fusion.base_args applies to a base given by name or config node, not to a partial.")
+            raise ConfigError(
+                "fusion.base_args applies to a base given by name or config node, not to a partial."
+            )
         return base(encoders=encoders, num_outputs=num_outputs)
     if isinstance(base, str):
         node = load_fusion_config(base)
@@ -92,15 +95,15 @@ def build_base(
 
 class ProFusion(nn.Module):
     """Args:
-        encoders: one encoder per modality (`ContextEncoder`s: MLP, LeNet, identity, ...).
-        num_outputs: classes / labels / targets, passed to the base model.
-        base: the wrapped fusion: a config name under ``configs/fusion`` or a ``_partial_`` node.
-        base_args: overrides merged into the base's config (e.g. ``{rank: 8}``).
-        unroll_steps: R, applications of the base model (1 = the base model itself).
-        context_dim: width of the back-projected context W_i c (Figure 5's backprojection dimension).
-        join_layer: encoder layer the context joins (0 = with the input); an int for every encoder or
-            a mapping ``{modality: layer}`` (Figure 9a).
-        feedback: ``fused`` (Pro-Fusion) or ``own`` (the iterative ablation of Table 5).
+    encoders: one encoder per modality (`ContextEncoder`s: MLP, LeNet, identity, ...).
+    num_outputs: classes / labels / targets, passed to the base model.
+    base: the wrapped fusion: a config name under ``configs/fusion`` or a ``_partial_`` node.
+    base_args: overrides merged into the base's config (e.g. ``{rank: 8}``).
+    unroll_steps: R, applications of the base model (1 = the base model itself).
+    context_dim: width of the back-projected context W_i c (Figure 5's backprojection dimension).
+    join_layer: encoder layer the context joins (0 = with the input); an int for every encoder or
+        a mapping ``{modality: layer}`` (Figure 9a).
+    feedback: ``fused`` (Pro-Fusion) or ``own`` (the iterative ablation of Table 5).
     """
 
     def __init__(
@@ -134,7 +137,9 @@ class ProFusion(nn.Module):
         # the encoders the base really runs (early fusion: 'joint'); with R = 1 nothing is fed back, so no
         # back-projection is built (parameters without gradient would also break DDP)
         targets = list(self.base.encoders.keys()) if self.unroll_steps > 1 else []
-        layers = dict(join_layer) if isinstance(join_layer, Mapping) else {m: int(join_layer) for m in targets}
+        layers = (
+            dict(join_layer) if isinstance(join_layer, Mapping) else {m: int(join_layer) for m in targets}
+        )
         unknown = sorted(set(layers) - set(self.base.encoders.keys()))
         if unknown:
             raise ConfigError(
@@ -148,10 +153,18 @@ class ProFusion(nn.Module):
                     "that subclass fusionbench.encoders.ContextEncoder."
                 )
             encoder.attach_context(self.context_dim, layers.get(m, 0))
-        source = {m: self.base.fused_dim if feedback == "fused" else int(self.base.encoders[m].output_dim) for m in targets}
-        self.backproject = nn.ModuleDict({m: nn.Linear(source[m], self.context_dim, bias=False) for m in targets})
-        self._norms = [name for name, mod in self.base.named_modules()
-                       if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.track_running_stats]
+        source = {
+            m: self.base.fused_dim if feedback == "fused" else int(self.base.encoders[m].output_dim)
+            for m in targets
+        }
+        self.backproject = nn.ModuleDict(
+            {m: nn.Linear(source[m], self.context_dim, bias=False) for m in targets}
+        )
+        self._norms = [
+            name
+            for name, mod in self.base.named_modules()
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.track_running_stats
+        ]
         if self.unroll_steps > 1:
             for i, name in enumerate(self._norms):
                 bn = self.base.get_submodule(name)
@@ -199,14 +212,18 @@ class ProFusion(nn.Module):
             out.append(self.base.step(inputs, self.context(out[-1])))
         return out
 
-    def step(self, inputs: Mapping[str, torch.Tensor], context: Mapping[str, torch.Tensor] | None = None) -> FusionStep:
+    def step(
+        self, inputs: Mapping[str, torch.Tensor], context: Mapping[str, torch.Tensor] | None = None
+    ) -> FusionStep:
         if context is not None:
             raise ConfigError("Pro-Fusion cannot itself be wrapped by a model that feeds it a context.")
         last = self.unroll(inputs)[-1]
         info = dict(last.info)
         if self.unroll_steps > 1:
             ctx = self.context(last)  # the context a further step would get: its scale is worth watching
-            info["pro/context_rms"] = torch.stack([c.detach().pow(2).mean() for c in ctx.values()]).mean().sqrt()
+            info["pro/context_rms"] = (
+                torch.stack([c.detach().pow(2).mean() for c in ctx.values()]).mean().sqrt()
+            )
         return last._replace(info=info)
 
     def predict(self, step: FusionStep) -> FusionOutput:

@@ -6,6 +6,7 @@ steps, and draws ``<name>.png`` (geometric mean and 95% interval over runs, comp
 since the traces span decades) and, where the runs
 recorded gate shares, ``<name>_gates.png`` (normalised alpha per modality over steps).
 """
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from fusionbench.results.plotting import save_figure
+from fusionbench.tables.plotting import save_figure
 
 DASH = "—"
 
@@ -49,8 +50,17 @@ def convergence_rows(spec, runs: pd.DataFrame) -> list[dict[str, Any]]:
         key = row.get("trace", spec.trace)
         traces = [t[key] for t in load_traces(runs, row["experiment"]) if t.get(key)]
         means, half = mean_ci(traces) if traces else ([], [])
-        rows.append({**row, "key": key, "n": len(traces), "means": means, "half": half, "traces": traces,
-                     "gates": [t["gate_share"] for t in load_traces(runs, row["experiment"]) if "gate_share" in t]})
+        rows.append(
+            {
+                **row,
+                "key": key,
+                "n": len(traces),
+                "means": means,
+                "half": half,
+                "traces": traces,
+                "gates": [t["gate_share"] for t in load_traces(runs, row["experiment"]) if "gate_share" in t],
+            }
+        )
     return rows
 
 
@@ -63,19 +73,38 @@ def convergence_markdown(spec, rows: list[dict[str, Any]]) -> str:
     lines = [f"### {spec.title}", ""]
     if spec.caption:
         lines += [spec.caption.strip(), ""]
-    lines += ["| " + " | ".join(head) + " |", "| " + " | ".join(["---", "---"] + ["---:"] * (len(head) - 2)) + " |"]
+    lines += [
+        "| " + " | ".join(head) + " |",
+        "| " + " | ".join(["---", "---"] + ["---:"] * (len(head) - 2)) + " |",
+    ]
     for r in rows:
         cells = [r["label"], r["key"], f"{r['n']}/{spec.seeds}"]
         cells += [_fmt(r["means"][s - 1]) if len(r["means"]) >= s else DASH for s in spec.steps]
         lines.append("| " + " | ".join(cells) + " |")
         if r.get("reported"):
             rep = r["reported"]
-            lines.append("| " + " | ".join([f"{r['label']} (reported: {spec.reported_source})", r["key"], ""] + [_fmt(rep.get(s)) for s in spec.steps]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [f"{r['label']} (reported: {spec.reported_source})", r["key"], ""]
+                    + [_fmt(rep.get(s)) for s in spec.steps]
+                )
+                + " |"
+            )
     missing = [r for r in rows if r["n"] < spec.seeds]
-    lines += ["", "Batch means on the first test batch of each run, then the arithmetic mean over runs (a few runs that do "
-              "not converge dominate it); the figure shows geometric means with 95% intervals."]
+    lines += [
+        "",
+        "Batch means on the first test batch of each run, then the arithmetic mean over runs (a few runs that do "
+        "not converge dominate it); the figure shows geometric means with 95% intervals.",
+    ]
     if missing:
-        lines.append("Incomplete rows: " + "; ".join(f"{r['label']} {r['n']}/{spec.seeds} (`{spec.command.format(experiment=r['experiment'])}`)" for r in missing))
+        lines.append(
+            "Incomplete rows: "
+            + "; ".join(
+                f"{r['label']} {r['n']}/{spec.seeds} (`{spec.command.format(experiment=r['experiment'])}`)"
+                for r in missing
+            )
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -94,7 +123,9 @@ def convergence_figures(spec, rows: list[dict[str, Any]], out_dir: Path) -> list
         m, h = mean_ci(logs)
         xs = list(range(1, len(m) + 1))
         ax.plot(xs, [10**v for v in m], label=f"{r['label']} (n={r['n']})")
-        ax.fill_between(xs, [10 ** (v - e) for v, e in zip(m, h)], [10 ** (v + e) for v, e in zip(m, h)], alpha=0.25)
+        ax.fill_between(
+            xs, [10 ** (v - e) for v, e in zip(m, h)], [10 ** (v + e) for v, e in zip(m, h)], alpha=0.25
+        )
     ax.set_yscale("log")
     if not any(r["means"] for r in rows):
         ax.text(0.5, 0.5, "no runs with diagnostics yet", ha="center", va="center", transform=ax.transAxes)

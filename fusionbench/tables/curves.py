@@ -10,6 +10,7 @@ share their data. With ``artifact: <file>`` the values come instead from a JSON 
 is a plain name. Cells are mean ± sample std over seeds with the runs found; missing points stay
 dashes and the notes give the command that fills them. Output: ``<name>.md``, ``.csv``, ``.png``.
 """
+
 from __future__ import annotations
 
 import csv
@@ -20,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from fusionbench.results.plotting import save_figure
+from fusionbench.tables.plotting import save_figure
 
 DASH = "—"
 
@@ -29,15 +30,21 @@ def _values(runs: pd.DataFrame, experiment: str, key: str) -> dict[int, float]:
     if runs.empty or key not in runs:
         return {}
     sel = runs[runs["experiment_name"] == experiment]
-    return {int(s): float(v) for s, v in zip(sel["seed"], pd.to_numeric(sel[key], errors="coerce")) if pd.notna(v)}
+    return {
+        int(s): float(v) for s, v in zip(sel["seed"], pd.to_numeric(sel[key], errors="coerce")) if pd.notna(v)
+    }
 
 
-def _artifact_values(runs: pd.DataFrame, experiment: str, artifact: str, series: str, x: Any) -> dict[int, float]:
+def _artifact_values(
+    runs: pd.DataFrame, experiment: str, artifact: str, series: str, x: Any
+) -> dict[int, float]:
     """Per seed, ``<run>/<artifact>[series][x]`` (e.g. linear_probe.json: modality -> step -> accuracy)."""
     if runs.empty:
         return {}
     out = {}
-    for seed, path in runs.loc[runs["experiment_name"] == experiment, ["seed", "path"]].itertuples(index=False):
+    for seed, path in runs.loc[runs["experiment_name"] == experiment, ["seed", "path"]].itertuples(
+        index=False
+    ):
         f = Path(path) / artifact
         if f.is_file():
             value = json.loads(f.read_text()).get(series, {}).get(str(x))
@@ -59,7 +66,11 @@ def curve_rows(spec, runs: pd.DataFrame) -> list[dict[str, Any]]:
             if spec.improvement:
                 base = _values(runs, row["baseline"].format(x=x), key)
                 sign = -1.0 if spec.higher_is_better else 1.0
-                vals = {s: sign * 100.0 * (base[s] - v) / abs(base[s]) for s, v in vals.items() if s in base and base[s] != 0}
+                vals = {
+                    s: sign * 100.0 * (base[s] - v) / abs(base[s])
+                    for s, v in vals.items()
+                    if s in base and base[s] != 0
+                }
             v = list(vals.values())
             mean = sum(v) / len(v) if v else None
             std = (sum((a - mean) ** 2 for a in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else None
@@ -85,28 +96,60 @@ def curve_markdown(spec, rows: list[dict[str, Any]]) -> str:
         lines += [spec.caption.strip(), ""]
     lines += ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] + ["---:"] * (len(head) - 1)) + " |"]
     for r in rows:
-        lines.append("| " + " | ".join([r["label"]] + [_cell(metric, p, spec.seeds, spec.improvement) for p in r["points"]]) + " |")
+        lines.append(
+            "| "
+            + " | ".join([r["label"]] + [_cell(metric, p, spec.seeds, spec.improvement) for p in r["points"]])
+            + " |"
+        )
         if r.get("reported"):
             rep = r["reported"]
-            lines.append("| " + " | ".join([f"{r['label']} (reported)"] + [metric.fmt(rep.get(x)) if x in rep else DASH for x in spec.x["values"]]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [f"{r['label']} (reported)"]
+                    + [metric.fmt(rep.get(x)) if x in rep else DASH for x in spec.x["values"]]
+                )
+                + " |"
+            )
     lines += ["", f"Cells: {what}, mean ± sample std over seeds (runs found / seeds expected)."]
     if spec.has_reported:
         lines.append(f"Reported rows: read from {spec.reported_source}; not measured by us.")
     missing = [(r, p) for r in rows for p in r["points"] if p["n"] < spec.seeds]
     if missing:
-        lines.append(f"{len(missing)} of {sum(len(r['points']) for r in rows)} points have fewer runs than expected; "
-                     f"to fill them: `{spec.command}`")
+        lines.append(
+            f"{len(missing)} of {sum(len(r['points']) for r in rows)} points have fewer runs than expected; "
+            f"to fill them: `{spec.command}`"
+        )
     return "\n".join(lines) + "\n"
 
 
 def curve_csv(spec, rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["label", "experiment", "x", "runs", "seeds_expected", f"{spec.metrics[0].key}:{'improvement_pct' if spec.improvement else 'mean'}", "std"])
+    w.writerow(
+        [
+            "label",
+            "experiment",
+            "x",
+            "runs",
+            "seeds_expected",
+            f"{spec.metrics[0].key}:{'improvement_pct' if spec.improvement else 'mean'}",
+            "std",
+        ]
+    )
     for r in rows:
         for p in r["points"]:
-            w.writerow([r["label"], r["experiment"].format(x=p["x"]), p["x"], p["n"], spec.seeds,
-                        "" if p["mean"] is None else f"{p['mean']:.6g}", "" if p["std"] is None else f"{p['std']:.6g}"])
+            w.writerow(
+                [
+                    r["label"],
+                    r["experiment"].format(x=p["x"]),
+                    p["x"],
+                    p["n"],
+                    spec.seeds,
+                    "" if p["mean"] is None else f"{p['mean']:.6g}",
+                    "" if p["std"] is None else f"{p['std']:.6g}",
+                ]
+            )
     return buf.getvalue()
 
 
@@ -128,8 +171,14 @@ def curve_figure(spec, rows: list[dict[str, Any]], out_dir: Path) -> Path:
         if not pts:
             continue
         drawn = True
-        ax.errorbar([pos for pos, _ in pts], [p["mean"] * scale for _, p in pts],
-                    yerr=[(p["std"] or 0.0) * scale for _, p in pts], marker="o", capsize=3, label=r["label"])
+        ax.errorbar(
+            [pos for pos, _ in pts],
+            [p["mean"] * scale for _, p in pts],
+            yerr=[(p["std"] or 0.0) * scale for _, p in pts],
+            marker="o",
+            capsize=3,
+            label=r["label"],
+        )
     if numeric and spec.x.get("log"):
         ax.set_xscale("log", base=2)
     if not numeric:
@@ -144,5 +193,3 @@ def curve_figure(spec, rows: list[dict[str, Any]], out_dir: Path) -> Path:
     ax.set_ylabel(f"% improvement ({metric.label})" if spec.improvement else metric.label)
     ax.set_title(spec.title, fontsize=8)
     return save_figure(fig, out_dir / f"{spec.name}.png")
-
-

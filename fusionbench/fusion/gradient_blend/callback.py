@@ -23,15 +23,15 @@ import pytorch_lightning as pl
 import torch
 
 from fusionbench.errors import ConfigError
-from fusionbench.fusion.gradient_blend import FORMS, GradientBlendFusion, blend_weights_from_losses
+from fusionbench.fusion.gradient_blend.model import FORMS, GradientBlendFusion, blend_weights_from_losses
 
 
 class GradientBlendCallback(pl.Callback):
     """Args:
-        gb_epoch: epochs between weight estimates (MultiBench AV-MNIST: 10).
-        form: ``delta`` (the paper's ΔG/ΔO²) or ``multibench`` (L^V/O², MultiBench's default).
-        min_overfit: floor of |ΔO| (or O) in the denominator (MultiBench: 1e-4).
-        max_batches: batches of each loader used per measurement (None: all).
+    gb_epoch: epochs between weight estimates (MultiBench AV-MNIST: 10).
+    form: ``delta`` (the paper's ΔG/ΔO²) or ``multibench`` (L^V/O², MultiBench's default).
+    min_overfit: floor of |ΔO| (or O) in the denominator (MultiBench: 1e-4).
+    max_batches: batches of each loader used per measurement (None: all).
     """
 
     def __init__(
@@ -58,14 +58,15 @@ class GradientBlendCallback(pl.Callback):
         self.snapshot: dict[str, tuple[float, float]] | None = None
 
     @staticmethod
-    def blend_model(pl_module: pl.LightningModule) -> GradientBlendFusion:
+    def blend_model(pl_module: pl.LightningModule) -> GradientBlendFusion | None:
+        """The model's `GradientBlendFusion`; None without one (the callback is in every run and then does nothing)."""
         found = [m for m in pl_module.modules() if isinstance(m, GradientBlendFusion)]
-        if len(found) != 1:
+        if len(found) > 1:
             raise ConfigError(
-                f"The gradient-blending callback needs exactly one GradientBlendFusion in the model, found {len(found)}; "
-                "use fusion=gradient_blend (or fusion=profusion fusion.base=gradient_blend) or drop callbacks.gradient_blend."
+                f"The gradient-blending callback drives one GradientBlendFusion; this model holds {len(found)}. "
+                "Set callbacks.gradient_blend=null and blend the weights yourself."
             )
-        return found[0]
+        return found[0] if found else None
 
     def _head_loss_sums(
         self, pl_module: pl.LightningModule, gb: GradientBlendFusion, loader: Iterable
@@ -106,12 +107,13 @@ class GradientBlendCallback(pl.Callback):
         return {h: (float(means[0][i]), float(means[1][i])) for i, h in enumerate(gb.heads)}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.blend_model(pl_module)  # fail early when the fusion is not GB
+        if self.blend_model(pl_module) is None:
+            return
         if self.form == "delta" and self.snapshot is None:
             self.snapshot = self.measure(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if (trainer.current_epoch + 1) % self.gb_epoch:
+        if (trainer.current_epoch + 1) % self.gb_epoch or self.blend_model(pl_module) is None:
             return
         now = self.measure(trainer, pl_module)
         weights = blend_weights_from_losses(self.snapshot, now, self.form, self.min_overfit)

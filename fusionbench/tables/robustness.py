@@ -11,6 +11,7 @@ grid read from the records and the baseline. Rows whose records hold another gri
 areas and named in the notes. Output: ``<name>.md``, ``.csv`` and ``<name>.png`` (mean curves, one panel
 per group).
 """
+
 from __future__ import annotations
 
 import csv
@@ -22,8 +23,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fusionbench.results.plotting import save_figure
 from fusionbench.robustness import auc, lower_is_better, relative_auc, scale_unit
+from fusionbench.tables.plotting import save_figure
 
 DASH = "—"
 
@@ -43,7 +44,9 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
 
 
-def robustness_rows(spec, runs: pd.DataFrame) -> tuple[list[dict[str, Any]], dict[str, Any] | None, list[str]]:
+def robustness_rows(
+    spec, runs: pd.DataFrame
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None, list[str]]:
     """(rows, the grid, notes about skipped records)."""
     metric, scope = spec.robust_metric, spec.curve
     grid: dict[str, Any] | None = None
@@ -52,21 +55,38 @@ def robustness_rows(spec, runs: pd.DataFrame) -> tuple[list[dict[str, Any]], dic
     for row in spec.rows:
         sel = runs[runs["experiment_name"] == row["experiment"]] if len(runs) else runs
         entry: dict[str, Any] = {
-            "label": row["label"], "experiment": row["experiment"], "group": row.get("group", ""),
-            "n": len(sel), "reported": row.get("reported") or {}, "curves": [],
+            "label": row["label"],
+            "experiment": row["experiment"],
+            "group": row.get("group", ""),
+            "n": len(sel),
+            "reported": row.get("reported") or {},
+            "curves": [],
         }
         for m in spec.metrics:
             vals = pd.to_numeric(sel[m.key], errors="coerce").dropna().tolist() if m.key in sel else []
             entry[m.key] = _mean_std(vals)
-        for rob, seed in zip(sel.get("robustness", pd.Series(dtype=object)), sel.get("seed", pd.Series(dtype=object))):
-            curve = ((rob or {}).get("curves") or {}).get(scope, {}).get("metrics", {}).get(metric) if isinstance(rob, dict) else None
+        for rob, seed in zip(
+            sel.get("robustness", pd.Series(dtype=object)), sel.get("seed", pd.Series(dtype=object))
+        ):
+            curve = (
+                ((rob or {}).get("curves") or {}).get(scope, {}).get("metrics", {}).get(metric)
+                if isinstance(rob, dict)
+                else None
+            )
             if curve is None:
                 skipped.append(f"{row['experiment']} seed {seed}: no '{scope}' {metric} curve")
                 continue
             if grid is None:
-                grid = {"levels": list(rob["levels"]), "noise": list(rob["noise"]), "seed": int(rob.get("seed", 0)), "key": _grid_key(rob)}
+                grid = {
+                    "levels": list(rob["levels"]),
+                    "noise": list(rob["noise"]),
+                    "seed": int(rob.get("seed", 0)),
+                    "key": _grid_key(rob),
+                }
             if _grid_key(rob) != grid["key"]:
-                skipped.append(f"{row['experiment']} seed {seed}: another grid ({rob['noise']} at {rob['levels']})")
+                skipped.append(
+                    f"{row['experiment']} seed {seed}: another grid ({rob['noise']} at {rob['levels']})"
+                )
                 continue
             entry["curves"].append([float(v) for v in curve])
         rows.append(entry)
@@ -77,11 +97,15 @@ def robustness_rows(spec, runs: pd.DataFrame) -> tuple[list[dict[str, Any]], dic
         r["mean_curve"] = np.mean(r["curves"], axis=0).tolist() if r["curves"] else None
         r["auc"] = _mean_std([auc(levels, c) for c in r["curves"]])
     for r in rows:
-        base = next((b for b in rows if b["experiment"] == baseline_of(spec, r["group"]) and b["curves"]), None)
+        base = next(
+            (b for b in rows if b["experiment"] == baseline_of(spec, r["group"]) and b["curves"]), None
+        )
         taus = [relative_auc(levels, c, base["mean_curve"], metric) for c in r["curves"]] if base else []
         r["tau"] = _mean_std(taus)
     for group in dict.fromkeys(r["group"] for r in rows):
-        members = {i: r["tau"][0] for i, r in enumerate(rows) if r["group"] == group and r["tau"][0] is not None}
+        members = {
+            i: r["tau"][0] for i, r in enumerate(rows) if r["group"] == group and r["tau"][0] is not None
+        }
         for i, v in scale_unit({str(i): v for i, v in members.items()}).items():
             rows[int(i)]["scaled"] = v
     return rows, grid, skipped
@@ -97,7 +121,11 @@ def _pm(ms: tuple[float | None, float | None], digits: int, scale: float = 1.0) 
     mean, std = ms
     if mean is None:
         return DASH
-    return _fmt(mean, digits, scale) if std is None else f"{_fmt(mean, digits, scale)} ± {_fmt(std, digits, scale)}"
+    return (
+        _fmt(mean, digits, scale)
+        if std is None
+        else f"{_fmt(mean, digits, scale)} ± {_fmt(std, digits, scale)}"
+    )
 
 
 def _cells(spec, rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
@@ -112,14 +140,19 @@ def _cells(spec, rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]
     for r in rows:
         cells = [r["label"], r["group"], f"{r['n']}/{spec.seeds}"]
         cells += [_pm(r[mm.key], mm.digits, mm.scale) for mm in spec.metrics]
-        cells += [_pm(r.get("auc", (None, None)), spec.auc_digits), _pm(r.get("tau", (None, None)), spec.auc_digits),
-                  _fmt(r.get("scaled"), 2)]
+        cells += [
+            _pm(r.get("auc", (None, None)), spec.auc_digits),
+            _pm(r.get("tau", (None, None)), spec.auc_digits),
+            _fmt(r.get("scaled"), 2),
+        ]
         cells += [_fmt(r["reported"].get(k), 3) if k in r["reported"] else DASH for k in reported_keys]
         body.append(cells)
     return header, body
 
 
-def robustness_markdown(spec, rows: list[dict[str, Any]], grid: dict[str, Any] | None, skipped: list[str]) -> str:
+def robustness_markdown(
+    spec, rows: list[dict[str, Any]], grid: dict[str, Any] | None, skipped: list[str]
+) -> str:
     header, body = _cells(spec, rows)
     lines = [f"### {spec.title}", ""]
     if spec.caption:
@@ -131,7 +164,9 @@ def robustness_markdown(spec, rows: list[dict[str, Any]], grid: dict[str, Any] |
     groups = list(dict.fromkeys(r["group"] for r in rows))
     names = {r["experiment"]: f"{r['label']}" for r in rows}
     if isinstance(spec.baseline, dict):
-        base_label = ", ".join(f"{names.get(baseline_of(spec, g), baseline_of(spec, g))} for {g}" for g in groups)
+        base_label = ", ".join(
+            f"{names.get(baseline_of(spec, g), baseline_of(spec, g))} for {g}" for g in groups
+        )
     else:
         base_label = names.get(spec.baseline, spec.baseline)
     if grid:
@@ -149,7 +184,8 @@ def robustness_markdown(spec, rows: list[dict[str, Any]], grid: dict[str, Any] |
     missing = [r for r in rows if r["n"] < spec.seeds]
     if missing:
         lines.append(
-            "Incomplete rows (" + ", ".join(f"{r['label']} {r['group']}: {r['n']}/{spec.seeds}".strip() for r in missing)
+            "Incomplete rows ("
+            + ", ".join(f"{r['label']} {r['group']}: {r['n']}/{spec.seeds}".strip() for r in missing)
             + f"); to fill one: `{spec.command}` with its experiment name (column `experiment` of the CSV)."
         )
     if skipped:
@@ -176,7 +212,14 @@ def robustness_csv(spec, rows: list[dict[str, Any]], grid: dict[str, Any] | None
         for m in spec.metrics:
             line += [g(r[m.key][0]), g(r[m.key][1]), g(r["reported"].get(m.key))]
         auc_ms, tau_ms = r.get("auc", (None, None)), r.get("tau", (None, None))
-        line += [g(auc_ms[0]), g(auc_ms[1]), g(tau_ms[0]), g(tau_ms[1]), g(r.get("scaled")), g(r["reported"].get("robustness"))]
+        line += [
+            g(auc_ms[0]),
+            g(auc_ms[1]),
+            g(tau_ms[0]),
+            g(tau_ms[1]),
+            g(r.get("scaled")),
+            g(r["reported"].get("robustness")),
+        ]
         curve = r.get("mean_curve") or [None] * len(levels)
         line += [g(v) for v in curve]
         w.writerow(line)
@@ -190,7 +233,9 @@ def robustness_figure(spec, rows: list[dict[str, Any]], grid: dict[str, Any] | N
     import matplotlib.pyplot as plt
 
     groups = list(dict.fromkeys(r["group"] for r in rows))
-    models = list(dict.fromkeys(r["label"].removeprefix("Pro-") for r in rows))  # a model and its Pro- version share a colour
+    models = list(
+        dict.fromkeys(r["label"].removeprefix("Pro-") for r in rows)
+    )  # a model and its Pro- version share a colour
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
     for ax, group in zip(axes[0], groups):
         drawn = False
@@ -200,7 +245,15 @@ def robustness_figure(spec, rows: list[dict[str, Any]], grid: dict[str, Any] | N
             drawn = True
             style = "--" if r["label"].startswith("Pro-") else "-"
             color = f"C{models.index(r['label'].removeprefix('Pro-')) % 10}"
-            ax.plot(grid["levels"], r["mean_curve"], style, color=color, marker="o", ms=3, label=f"{r['label']} ({len(r['curves'])})")
+            ax.plot(
+                grid["levels"],
+                r["mean_curve"],
+                style,
+                color=color,
+                marker="o",
+                ms=3,
+                label=f"{r['label']} ({len(r['curves'])})",
+            )
         if drawn:
             ax.legend(fontsize=6)
         else:

@@ -12,6 +12,7 @@ injected features x, x_fuse, the dropout mask, and for the backward graph z* and
 path computes the same arithmetic and stays the reference (CPU, ``cuda_graph=False``); tests marked ``gpu`` check
 that both give the same fixed point, gradients and solver statistics.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fusionbench.fusion.deq_solve import adjoint, anderson_fixed
+from fusionbench.fusion.deq.solve import adjoint, anderson_fixed
 
 Layer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -55,9 +56,19 @@ class SolveGraphs:
     def clear(self) -> None:
         self.graphs.clear()
 
-    def forward(self, x: torch.Tensor, x_fuse: torch.Tensor, mask: torch.Tensor | None, state_shape: tuple, iters: int):
+    def forward(
+        self, x: torch.Tensor, x_fuse: torch.Tensor, mask: torch.Tensor | None, state_shape: tuple, iters: int
+    ):
         """``anderson_fixed`` from zeros: ``(z*, abs_residual, rel_residual)``, fresh tensors (not the graph's)."""
-        key = ("forward", tuple(x.shape), x.dtype, x.device, mask is not None, iters, torch.is_autocast_enabled())
+        key = (
+            "forward",
+            tuple(x.shape),
+            x.dtype,
+            x.device,
+            mask is not None,
+            iters,
+            torch.is_autocast_enabled(),
+        )
         if key not in self.graphs:
             inputs = {"x": x.detach().clone(), "x_fuse": x_fuse.detach().clone()}
             if mask is not None:
@@ -68,24 +79,45 @@ class SolveGraphs:
                 # closed over (a local freed after capture would be replayed from reused memory)
                 with torch.no_grad():
                     zeros = inputs["x"].new_zeros(state_shape)
-                    return anderson_fixed(lambda s: self.layer(s, inputs["x"], inputs["x_fuse"]), zeros, iters)
+                    return anderson_fixed(
+                        lambda s: self.layer(s, inputs["x"], inputs["x_fuse"]), zeros, iters
+                    )
 
             self.graphs[key] = self._capture(run, inputs, inputs.get("mask"))
         values = {"x": x.detach(), "x_fuse": x_fuse.detach(), **({"mask": mask} if mask is not None else {})}
         return tuple(t.clone() for t in self.graphs[key].replay(**values))
 
-    def backward(self, x: torch.Tensor, x_fuse: torch.Tensor, mask: torch.Tensor | None, z: torch.Tensor, iters: int,
-                 **adjoint_opts) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]:
+    def backward(
+        self,
+        x: torch.Tensor,
+        x_fuse: torch.Tensor,
+        mask: torch.Tensor | None,
+        z: torch.Tensor,
+        iters: int,
+        **adjoint_opts,
+    ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]:
         """``solve_adjoint(z, grad)``: `adjoint` with ``iters`` fixed Anderson steps, ``(g, failed, residual)``.
 
         Called in the forward pass, so that a missing graph is captured there rather than inside autograd's
         backward; the returned function replays it with this step's x, x_fuse and mask.
         """
-        key = ("backward", tuple(z.shape), z.dtype, z.device, mask is not None, iters, torch.is_autocast_enabled(),
-               tuple(sorted(adjoint_opts.items())))
+        key = (
+            "backward",
+            tuple(z.shape),
+            z.dtype,
+            z.device,
+            mask is not None,
+            iters,
+            torch.is_autocast_enabled(),
+            tuple(sorted(adjoint_opts.items())),
+        )
         if key not in self.graphs:
-            inputs = {"x": x.detach().clone(), "x_fuse": x_fuse.detach().clone(), "z": z.detach().clone(),
-                      "grad": torch.zeros_like(z)}
+            inputs = {
+                "x": x.detach().clone(),
+                "x_fuse": x_fuse.detach().clone(),
+                "z": z.detach().clone(),
+                "grad": torch.zeros_like(z),
+            }
             if mask is not None:
                 inputs["mask"] = mask.clone()
             solve = lambda g_f, g0: anderson_fixed(g_f, g0, iters)[0]  # noqa: E731
@@ -103,7 +135,9 @@ class SolveGraphs:
 
         return solve_adjoint
 
-    def _capture(self, run: Callable[[], tuple[torch.Tensor, ...]], inputs: dict, mask: torch.Tensor | None) -> _Captured:
+    def _capture(
+        self, run: Callable[[], tuple[torch.Tensor, ...]], inputs: dict, mask: torch.Tensor | None
+    ) -> _Captured:
         """Warm ``run`` up on a side stream (lazy cuBLAS/allocator set-up must not happen during capture), then capture it."""
         previous = self.swap_mask(mask)
         try:

@@ -8,6 +8,7 @@ column (``3/5``), and a row without runs stays in the table with dashes and the 
 them. Reported numbers sit in their own columns, labelled as reported. Output is deterministic: the
 same runs give byte-identical files.
 """
+
 from __future__ import annotations
 
 import csv
@@ -23,16 +24,16 @@ import pandas as pd
 import yaml
 
 from fusionbench import ROOT
-from fusionbench.results.collect import collect_runs
-from fusionbench.results.curves import curve_csv, curve_figure, curve_markdown, curve_rows
-from fusionbench.results.figures import convergence_figures, convergence_markdown, convergence_rows
-from fusionbench.results.robustness_table import (
+from fusionbench.tables.collect import collect_runs
+from fusionbench.tables.convergence import convergence_figures, convergence_markdown, convergence_rows
+from fusionbench.tables.curves import curve_csv, curve_figure, curve_markdown, curve_rows
+from fusionbench.tables.robustness import (
     robustness_csv,
     robustness_figure,
     robustness_markdown,
     robustness_rows,
 )
-from fusionbench.results.tradeoff import check_tradeoff, tradeoff_figure
+from fusionbench.tables.tradeoff import check_tradeoff, tradeoff_figure
 
 DASH = "—"
 README_START, README_END = "<!-- tables:start -->", "<!-- tables:end -->"
@@ -71,32 +72,48 @@ class TableSpec:
     artifact: str = ""  # curve tables: read values from this JSON file of each run folder
     curve: str = "all"  # robustness tables: the curve (scope) of the records' `robustness` entry
     robust_metric: str = ""  # robustness tables: the metric of the noise curves (e.g. mse)
-    baseline: str | dict = ""  # robustness tables: experiment (or {group: experiment}) whose mean curve is b of tau
+    baseline: str | dict = (
+        ""  # robustness tables: experiment (or {group: experiment}) whose mean curve is b of tau
+    )
     auc_digits: int = 3
-    tradeoff: dict = field(default_factory=dict)  # metrics tables: metric-vs-compute and share-vs-λ figure (results/tradeoff.py)
+    tradeoff: dict = field(
+        default_factory=dict
+    )  # metrics tables: metric-vs-compute and share-vs-λ figure (results/tradeoff.py)
 
     @classmethod
     def load(cls, path: str | Path) -> TableSpec:
         raw = yaml.safe_load(Path(path).read_text())
         unknown = set(raw) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}")
+            raise ValueError(
+                f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}"
+            )
         raw["metrics"] = [Metric(**m) for m in raw.get("metrics", [])]
         kind = raw.get("kind", "metrics")
         if kind not in ("metrics", "convergence", "curve", "robustness"):
-            raise ValueError(f"{path}: kind must be 'metrics', 'convergence', 'curve' or 'robustness', got {kind!r}")
+            raise ValueError(
+                f"{path}: kind must be 'metrics', 'convergence', 'curve' or 'robustness', got {kind!r}"
+            )
         if kind == "robustness" and not (raw.get("robust_metric") and raw.get("baseline")):
-            raise ValueError(f"{path}: a robustness table needs `robust_metric` (e.g. mse) and `baseline` (an experiment name)")
+            raise ValueError(
+                f"{path}: a robustness table needs `robust_metric` (e.g. mse) and `baseline` (an experiment name)"
+            )
         if kind == "curve":
             if not raw.get("x", {}).get("values") or len(raw["metrics"]) != 1:
                 raise ValueError(f"{path}: a curve table needs `x: {{label, values}}` and exactly one metric")
             for row in raw["rows"]:
                 if raw.get("artifact"):
                     if "series" not in row:
-                        raise ValueError(f"{path}: rows of an artifact curve table need `series` (the key in the file): {row}")
+                        raise ValueError(
+                            f"{path}: rows of an artifact curve table need `series` (the key in the file): {row}"
+                        )
                     continue
-                if "{x}" not in row.get("experiment", "") or (raw.get("improvement") and "{x}" not in row.get("baseline", "")):
-                    raise ValueError(f"{path}: curve rows need `experiment` (and with improvement, `baseline`) patterns with {{x}}: {row}")
+                if "{x}" not in row.get("experiment", "") or (
+                    raw.get("improvement") and "{x}" not in row.get("baseline", "")
+                ):
+                    raise ValueError(
+                        f"{path}: curve rows need `experiment` (and with improvement, `baseline`) patterns with {{x}}: {row}"
+                    )
         for row in raw["rows"]:
             if "label" not in row or "experiment" not in row:
                 raise ValueError(f"{path}: every row needs `label` and `experiment`, got {row}")
@@ -116,15 +133,32 @@ def aggregate(spec: TableSpec, runs: pd.DataFrame) -> list[dict[str, Any]]:
     out = []
     for row in spec.rows:
         sel = runs[runs["experiment_name"] == row["experiment"]] if len(runs) else runs
-        if len(sel):  # seeds 0..seeds-1: a row shared with a table of more seeds averages the same runs as its own table
+        if len(
+            sel
+        ):  # seeds 0..seeds-1: a row shared with a table of more seeds averages the same runs as its own table
             sel = sel[pd.to_numeric(sel["seed"], errors="coerce") < spec.seeds]
-        entry: dict[str, Any] = {"label": row["label"], "experiment": row["experiment"], "n": len(sel), "reported": row.get("reported") or {},
-                                 "command": row.get("command") or spec.command}
-        converged = pd.to_numeric(sel["deq_test_converged"], errors="coerce") if "deq_test_converged" in sel else pd.Series(dtype=float)
-        entry["unconverged"] = sorted(int(s) for s in sel.loc[converged[converged < 1].index, "seed"]) if len(converged) else []
+        entry: dict[str, Any] = {
+            "label": row["label"],
+            "experiment": row["experiment"],
+            "n": len(sel),
+            "reported": row.get("reported") or {},
+            "command": row.get("command") or spec.command,
+        }
+        converged = (
+            pd.to_numeric(sel["deq_test_converged"], errors="coerce")
+            if "deq_test_converged" in sel
+            else pd.Series(dtype=float)
+        )
+        entry["unconverged"] = (
+            sorted(int(s) for s in sel.loc[converged[converged < 1].index, "seed"]) if len(converged) else []
+        )
         entry["early"] = early_selections(sel)
         for m in spec.metrics:
-            values = pd.to_numeric(sel[m.key], errors="coerce").dropna() if m.key in sel else pd.Series(dtype=float)
+            values = (
+                pd.to_numeric(sel[m.key], errors="coerce").dropna()
+                if m.key in sel
+                else pd.Series(dtype=float)
+            )
             entry[m.key] = (
                 float(values.mean()) if len(values) else None,
                 float(values.std(ddof=1)) if len(values) > 1 else None,
@@ -161,7 +195,9 @@ def table_cells(spec: TableSpec, rows: list[dict[str, Any]]) -> tuple[list[str],
         label = r["label"] + (UNCONVERGED if r.get("unconverged") else "")
         cells = [label, f"{r['n']}/{spec.seeds}"] + [_cell(m, *r[m.key]) for m in spec.metrics]
         if spec.has_reported:
-            cells += [m.fmt(r["reported"].get(m.key)) if m.key in r["reported"] else DASH for m in spec.metrics]
+            cells += [
+                m.fmt(r["reported"].get(m.key)) if m.key in r["reported"] else DASH for m in spec.metrics
+            ]
         body.append(cells)
     return header, body
 
@@ -181,18 +217,22 @@ def notes(spec: TableSpec, rows: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"{UNCONVERGED.strip()} Tested on unconverged DEQ solves (forward residual above the failure tolerance on "
             "some test samples), averaged in as they are: "
-            + "; ".join(f"{r['label']}: seeds {', '.join(map(str, r['unconverged']))}" for r in flagged) + "."
+            + "; ".join(f"{r['label']}: seeds {', '.join(map(str, r['unconverged']))}" for r in flagged)
+            + "."
         )
     early = [r for r in rows if r.get("early")]
     if early:
         lines.append(
             f"Checkpoints selected before epoch {EARLY_EPOCHS} of runs that trained 3x longer: "
-            + "; ".join(f"{r['label']}: seeds {', '.join(map(str, r['early']))}" for r in early) + "."
+            + "; ".join(f"{r['label']}: seeds {', '.join(map(str, r['early']))}" for r in early)
+            + "."
         )
     missing = [r for r in rows if r["n"] < spec.seeds]
     if missing:
         lines.append(
-            "Incomplete rows (" + ", ".join(f"{r['label']}: {r['n']}/{spec.seeds}" for r in missing) + "); to fill them: "
+            "Incomplete rows ("
+            + ", ".join(f"{r['label']}: {r['n']}/{spec.seeds}" for r in missing)
+            + "); to fill them: "
             + "; ".join(f"`{r['command'].format(experiment=r['experiment'])}`" for r in missing)
         )
     return lines

@@ -21,7 +21,8 @@ Where the public code differs from the paper, the option and its default:
 - ``groups=4``: GroupNorm groups are hard-coded to 4 in the code.
 - ``residual_norm="batch"``: the code's solver stops on one absolute residual norm over the whole
   batch; the default ``"sample"`` uses torchdeq's per-sample norms (``f_stop_mode`` rel or abs).
-- ``f_max_iter/b_max_iter``: the public BRCA scripts use 105/106 (module defaults 55/56).
+- ``f_max_iter/b_max_iter``: the public BRCA scripts use 105/106 (its module defaults 55/56); the default here,
+  30/31 (also in ``configs/fusion/deq.yaml``), converges on ROSMAP (Table 8) and BRCA experiments set 105/106.
 
 Departures that make the method train from the first epoch (both on by default; off = public code):
 - ``inject_norm=True``: the injected features x_i pass through a GroupNorm (per-modality affine) before
@@ -37,21 +38,22 @@ Departures that make the method train from the first epoch (both on by default; 
 
 Gradients: ``grad="ift"`` solves the adjoint system with ``b_solver`` and checks its residual; a sample
 whose backward solve fails (residual above ``b_failure_tol`` x ||dL/dz*||, or not finite) gets the phantom
-gradient instead, and the share is counted (`fusionbench.fusion.deq_solve`, logged by
-`fusionbench.callbacks.DEQMonitor`). ``fixed_iterations=True`` runs exactly ``f_max_iter`` / ``b_max_iter``
+gradient instead, and the share is counted (`fusionbench.fusion.deq.solve`, logged by
+`fusionbench.fusion.deq.callbacks.DEQMonitor`). ``fixed_iterations=True`` runs exactly ``f_max_iter`` / ``b_max_iter``
 Anderson steps with no host synchronisation inside the loops (convergence is checked once, after the
-solve); ``cuda_graph=True`` then replays both solves from CUDA graphs on a GPU (`fusionbench.fusion.deq_graph`),
+solve); ``cuda_graph=True`` then replays both solves from CUDA graphs on a GPU (`fusionbench.fusion.deq.graph`),
 the fast path measured by ``scripts/bench_fusion.py``.
 
 Ablations of Tables 5-7 (paper §3.2): ``use_f_theta=False`` sets z_i = x_i; ``use_f_fuse=False`` sets
 z_fuse = sum_i w_i z_i (no purify-then-combine, so no gate); ``recursion=False`` applies every
 function once from z = 0; ``use_gate=False`` sets z'_i = z_i. ``mode="unrolled"`` iterates the same
-layer ``unroll_steps`` times from zero and backpropagates through every step (the weight-tied
+layer ``depth`` times from zero and backpropagates through every step (the weight-tied
 baseline of Figure 4).
 
 All N modality blocks run as one batched matrix product per layer, so a solver step costs the same
 number of kernel launches for 2 or 20 modalities.
 """
+
 from __future__ import annotations
 
 import math
@@ -66,8 +68,8 @@ from torchdeq.solver import get_solver, register_solver
 
 from fusionbench.errors import ConfigError, TrainingError
 from fusionbench.fusion.base import EncoderFusion, require_equal_dims
-from fusionbench.fusion.deq_graph import SolveGraphs
-from fusionbench.fusion.deq_solve import ImplicitGrad, SolveStats, anderson_fixed, implicit, phantom
+from fusionbench.fusion.deq.graph import SolveGraphs
+from fusionbench.fusion.deq.solve import ImplicitGrad, SolveStats, anderson_fixed, implicit, phantom
 
 SOLVERS = ("anderson", "broyden", "fixed_point_iter")
 
@@ -79,7 +81,10 @@ def _batch_global(solver_name: str):
     def solve(func, x0, **kwargs):
         shape = x0.shape
         z, states, info = solver(lambda z: func(z.reshape(shape)).reshape(1, -1), x0.reshape(1, -1), **kwargs)
-        info = {k: (v.expand(shape[0]) if torch.is_tensor(v) and v.dim() == 1 and v.numel() == 1 else v) for k, v in info.items()}
+        info = {
+            k: (v.expand(shape[0]) if torch.is_tensor(v) and v.dim() == 1 and v.numel() == 1 else v)
+            for k, v in info.items()
+        }
         return z.reshape(shape), [s.reshape(shape) for s in states], info
 
     return solve
@@ -109,7 +114,9 @@ class BatchedGroupNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # N slots of `groups` groups each are N * groups consecutive groups of (B, N * d): one fused kernel
         b, n, d = x.shape
-        out = F.group_norm(x.reshape(b, n * d), n * self.groups, self.weight.reshape(-1), self.bias.reshape(-1), self.eps)
+        out = F.group_norm(
+            x.reshape(b, n * d), n * self.groups, self.weight.reshape(-1), self.bias.reshape(-1), self.eps
+        )
         return out.reshape(b, n, d)
 
 
@@ -128,37 +135,37 @@ class BatchedLinear(nn.Module):
 
 class DEQFusion(EncoderFusion):
     """Args:
-        encoders, num_outputs, head_hidden, head_dropout: see `EncoderFusion`; every encoder must output
-            the fusion width d (project in the backbone), divisible by ``groups``.
-        use_f_theta, use_f_fuse, recursion, use_gate: ablation switches (module docstring).
-        mode: ``"deq"`` (solve for the equilibrium) or ``"unrolled"`` (weight-tied, ``unroll_steps`` layers).
-        unroll_steps: depth of the unrolled mode.
-        residual: add z_i inside f_theta_i as the public code does.
-        gate: ``"linear"`` (code, eq. 9) or ``"sigmoid"``.
-        groups: GroupNorm groups.
-        dropout: dropout on the fused state after each f_fuse application (the paper's "dropout in
-            fusion layer" for BRCA, rate unstated); one mask per forward pass so the solver iterates a
-            fixed function. 0 disables it.
-        f_solver, b_solver: ``anderson``, ``broyden`` or ``fixed_point_iter`` (forward / backward).
-        f_max_iter, b_max_iter, f_tol, b_tol: iteration caps and tolerances.
-        f_stop_mode, b_stop_mode: ``"rel"`` or ``"abs"`` residual.
-        residual_norm: ``"sample"`` (per-sample norms, stop when every sample converged) or ``"batch"``
-            (one norm over the batch, public code).
-        eval_f_max_iter: forward cap at evaluation (default: ``f_max_iter``).
-        grad: ``"ift"`` (implicit differentiation, Theorem 1) or ``"phantom"`` (phantom gradient).
-        phantom_steps, phantom_tau: steps and damping of the phantom gradient.
-        jac_weight: weight of the Jacobian regulariser ||J_f||_F^2 / numel (Hutchinson) in ``aux_loss``.
-        jac_freq: probability of computing it at a training step. jac_vecs: random vectors per estimate.
-        max_failures: consecutive training steps whose solve failed before training stops.
-        failure_tol: a solve fails when its residual (``f_stop_mode``) stays above this, or is not finite.
-            Looser than ``f_tol`` on purpose: an untrained layer rarely reaches ``f_tol`` and need not.
-        b_failure_tol: a backward solve fails when ||J^T g + dL/dz* - g|| > this x ||dL/dz*||; its samples get
-            the phantom gradient (``phantom_steps``, ``phantom_tau``).
-        inject_norm: GroupNorm on the injected features (module docstring).
-        encoder_dropout: dropout rate forced on the encoders (``None``: the backbone's; module docstring).
-        fixed_iterations: fixed-iteration, synchronisation-free Anderson solves (module docstring).
-        cuda_graph: replay the fixed-iteration solves from CUDA graphs on a GPU (`fusionbench.fusion.deq_graph`);
-            needs ``fixed_iterations``; CUDA tensors only (CPU tensors take the eager fixed-iteration path).
+    encoders, num_outputs, head_hidden, head_dropout: see `EncoderFusion`; every encoder must output
+        the fusion width d (project in the backbone), divisible by ``groups``.
+    use_f_theta, use_f_fuse, recursion, use_gate: ablation switches (module docstring).
+    mode: ``"deq"`` (solve for the equilibrium) or ``"unrolled"`` (weight-tied, ``depth`` layers).
+    depth: depth of the unrolled mode.
+    residual: add z_i inside f_theta_i as the public code does.
+    gate: ``"linear"`` (code, eq. 9) or ``"sigmoid"``.
+    groups: GroupNorm groups.
+    dropout: dropout on the fused state after each f_fuse application (the paper's "dropout in
+        fusion layer" for BRCA, rate unstated); one mask per forward pass so the solver iterates a
+        fixed function. 0 disables it.
+    f_solver, b_solver: ``anderson``, ``broyden`` or ``fixed_point_iter`` (forward / backward).
+    f_max_iter, b_max_iter, f_tol, b_tol: iteration caps and tolerances.
+    f_stop_mode, b_stop_mode: ``"rel"`` or ``"abs"`` residual.
+    residual_norm: ``"sample"`` (per-sample norms, stop when every sample converged) or ``"batch"``
+        (one norm over the batch, public code).
+    eval_f_max_iter: forward cap at evaluation (default: ``f_max_iter``).
+    grad: ``"ift"`` (implicit differentiation, Theorem 1) or ``"phantom"`` (phantom gradient).
+    phantom_steps, phantom_tau: steps and damping of the phantom gradient.
+    jac_weight: weight of the Jacobian regulariser ||J_f||_F^2 / numel (Hutchinson) in ``aux_loss``.
+    jac_freq: probability of computing it at a training step. jac_vecs: random vectors per estimate.
+    max_failures: consecutive training steps whose solve failed before training stops.
+    failure_tol: a solve fails when its residual (``f_stop_mode``) stays above this, or is not finite.
+        Looser than ``f_tol`` on purpose: an untrained layer rarely reaches ``f_tol`` and need not.
+    b_failure_tol: a backward solve fails when ||J^T g + dL/dz* - g|| > this x ||dL/dz*||; its samples get
+        the phantom gradient (``phantom_steps``, ``phantom_tau``).
+    inject_norm: GroupNorm on the injected features (module docstring).
+    encoder_dropout: dropout rate forced on the encoders (``None``: the backbone's; module docstring).
+    fixed_iterations: fixed-iteration, synchronisation-free Anderson solves (module docstring).
+    cuda_graph: replay the fixed-iteration solves from CUDA graphs on a GPU (`fusionbench.fusion.deq.graph`);
+        needs ``fixed_iterations``; CUDA tensors only (CPU tensors take the eager fixed-iteration path).
     """
 
     def __init__(
@@ -170,15 +177,15 @@ class DEQFusion(EncoderFusion):
         recursion: bool = True,
         use_gate: bool = True,
         mode: str = "deq",
-        unroll_steps: int = 6,
+        depth: int = 6,
         residual: bool = True,
         gate: str = "linear",
         groups: int = 4,
         dropout: float = 0.0,
         f_solver: str = "anderson",
         b_solver: str = "anderson",
-        f_max_iter: int = 55,
-        b_max_iter: int = 56,
+        f_max_iter: int = 30,
+        b_max_iter: int = 31,
         f_tol: float = 1e-3,
         b_tol: float = 1e-6,
         f_stop_mode: str = "rel",
@@ -216,14 +223,23 @@ class DEQFusion(EncoderFusion):
             if value not in allowed:
                 raise ConfigError(f"fusion.{key}={value!r} is not one of {list(allowed)}.")
         if jac_weight < 0 or not 0 <= jac_freq <= 1:
-            raise ConfigError(f"fusion.jac_weight must be >= 0 and jac_freq in [0, 1], got {jac_weight}, {jac_freq}.")
+            raise ConfigError(
+                f"fusion.jac_weight must be >= 0 and jac_freq in [0, 1], got {jac_weight}, {jac_freq}."
+            )
         d = require_equal_dims(self.embed_dims, "DEQ fusion")
         if d % groups:
-            raise ConfigError(f"DEQ fusion width {d} is not divisible by fusion.groups={groups}; change the encoders' output width or the groups.")
+            raise ConfigError(
+                f"DEQ fusion width {d} is not divisible by fusion.groups={groups}; change the encoders' output width or the groups."
+            )
         n = len(self.modalities)
         self.width, self.num_modalities = d, n
-        self.use_f_theta, self.use_f_fuse, self.recursion, self.use_gate = use_f_theta, use_f_fuse, recursion, use_gate
-        self.mode, self.unroll_steps, self.residual, self.gate_kind = mode, unroll_steps, residual, gate
+        self.use_f_theta, self.use_f_fuse, self.recursion, self.use_gate = (
+            use_f_theta,
+            use_f_fuse,
+            recursion,
+            use_gate,
+        )
+        self.mode, self.depth, self.residual, self.gate_kind = mode, depth, residual, gate
         self.jac_weight, self.jac_freq, self.jac_vecs = jac_weight, jac_freq, jac_vecs
         self.max_failures, self.failure_tol, self.f_tol = max_failures, failure_tol, f_tol
         self.f_stop_mode = f_stop_mode
@@ -242,18 +258,26 @@ class DEQFusion(EncoderFusion):
         self._drop_mask: torch.Tensor | None = None
         if encoder_dropout is not None and not 0 <= encoder_dropout < 1:
             raise ConfigError(f"fusion.encoder_dropout must be in [0, 1) or null, got {encoder_dropout}.")
-        self.encoder_dropout = encoder_dropout  # a wrapper with its own encoders (MM-Dynamics) applies it to them
+        self.encoder_dropout = (
+            encoder_dropout  # a wrapper with its own encoders (MM-Dynamics) applies it to them
+        )
         set_dropout(self.encoders, encoder_dropout)
         if b_failure_tol <= 0:
             raise ConfigError(f"fusion.b_failure_tol must be > 0, got {b_failure_tol}.")
         if cuda_graph and not fixed_iterations:
-            raise ConfigError("fusion.cuda_graph=true needs fusion.fixed_iterations=true: only fixed-iteration solves have the "
-                              "static shapes a CUDA graph can replay.")
+            raise ConfigError(
+                "fusion.cuda_graph=true needs fusion.fixed_iterations=true: only fixed-iteration solves have the "
+                "static shapes a CUDA graph can replay."
+            )
         suffix = "_global" if residual_norm == "batch" else ""
         self.grad, self.fixed_iterations, self.cuda_graph = grad, fixed_iterations, cuda_graph
         self._graphs: SolveGraphs | None = None  # captured lazily on the first CUDA solve
         self.f_solver, self.b_solver = f_solver + suffix, b_solver + suffix
-        self.f_max_iter, self.b_max_iter, self.eval_f_max_iter = f_max_iter, b_max_iter, eval_f_max_iter or f_max_iter
+        self.f_max_iter, self.b_max_iter, self.eval_f_max_iter = (
+            f_max_iter,
+            b_max_iter,
+            eval_f_max_iter or f_max_iter,
+        )
         self.b_tol, self.b_stop_mode = b_tol, b_stop_mode
         self.phantom_steps, self.phantom_tau = phantom_steps, phantom_tau
         self.b_failure_tol, self.global_residual = b_failure_tol, residual_norm == "batch"
@@ -305,14 +329,16 @@ class DEQFusion(EncoderFusion):
         # one dropout mask per forward pass, so f stays a fixed function while the solver iterates
         self._drop_mask = None
         if self.training and self.dropout > 0:
-            self._drop_mask = torch.bernoulli(x_fuse.new_full(x_fuse.shape, 1 - self.dropout)) / (1 - self.dropout)
+            self._drop_mask = torch.bernoulli(x_fuse.new_full(x_fuse.shape, 1 - self.dropout)) / (
+                1 - self.dropout
+            )
         info: dict[str, torch.Tensor | float] = {}
         aux = None
         if not self.recursion:
             state = func(state0)
         elif self.mode == "unrolled":
             state = state0
-            for _ in range(self.unroll_steps):
+            for _ in range(self.depth):
                 prev, state = state, func(state)
             info["deq/rel_residual"] = self._rel(state - prev, state).mean().detach()
         elif not self.use_f_theta and not (self.use_f_fuse and self.use_gate):
@@ -327,27 +353,46 @@ class DEQFusion(EncoderFusion):
                 info["deq/jac_loss"] = aux.detach() / self.jac_weight
         return state[:, -1], aux, info
 
-    def solve(self, func, state0: torch.Tensor, x: torch.Tensor, x_fuse: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def solve(
+        self, func, state0: torch.Tensor, x: torch.Tensor, x_fuse: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The fixed point of ``func`` (the layer on x, x_fuse) from ``state0`` and the forward solver's statistics,
-        with the configured gradient attached when training (`fusionbench.fusion.deq_solve`)."""
+        with the configured gradient attached when training (`fusionbench.fusion.deq.solve`)."""
         training = self.training and torch.is_grad_enabled()
         max_iter = self.f_max_iter if self.training else self.eval_f_max_iter
         graphs = self._solve_graphs() if self.cuda_graph and state0.is_cuda else None
         with torch.no_grad():
             if graphs is not None:
-                z, abs_res, rel_res = graphs.forward(x, x_fuse, self._drop_mask, tuple(state0.shape), max_iter)
-                stats = {"nstep": torch.full_like(abs_res, max_iter), "abs_lowest": abs_res, "rel_lowest": rel_res}
+                z, abs_res, rel_res = graphs.forward(
+                    x, x_fuse, self._drop_mask, tuple(state0.shape), max_iter
+                )
+                stats = {
+                    "nstep": torch.full_like(abs_res, max_iter),
+                    "abs_lowest": abs_res,
+                    "rel_lowest": rel_res,
+                }
             elif self.fixed_iterations:
                 z, abs_res, rel_res = anderson_fixed(func, state0, max_iter)
-                stats = {"nstep": torch.full_like(abs_res, max_iter), "abs_lowest": abs_res, "rel_lowest": rel_res}
+                stats = {
+                    "nstep": torch.full_like(abs_res, max_iter),
+                    "abs_lowest": abs_res,
+                    "rel_lowest": rel_res,
+                }
             else:
-                z, _, stats = get_solver(self.f_solver)(func, state0, max_iter=max_iter, tol=self.f_tol, stop_mode=self.f_stop_mode)
+                z, _, stats = get_solver(self.f_solver)(
+                    func, state0, max_iter=max_iter, tol=self.f_tol, stop_mode=self.f_stop_mode
+                )
         if not training:
             return z, stats
         z = z.detach()
         if self.grad == "phantom":
             return phantom(z, func, self.phantom_steps, self.phantom_tau), stats
-        opts = dict(fail_tol=self.b_failure_tol, steps=self.phantom_steps, tau=self.phantom_tau, batch_global=self.global_residual)
+        opts = dict(
+            fail_tol=self.b_failure_tol,
+            steps=self.phantom_steps,
+            tau=self.phantom_tau,
+            batch_global=self.global_residual,
+        )
         if graphs is not None:
             solve_adjoint = graphs.backward(x, x_fuse, self._drop_mask, z, self.b_max_iter, **opts)
             return ImplicitGrad.apply(func(z), solve_adjoint, self.backward_stats), stats
@@ -355,8 +400,11 @@ class DEQFusion(EncoderFusion):
             b_solve = lambda g_f, g0: anderson_fixed(g_f, g0, self.b_max_iter)[0]  # noqa: E731
         else:
             solver = get_solver(self.b_solver)
-            b_solve = lambda g_f, g0: solver(g_f, g0, max_iter=self.b_max_iter, tol=self.b_tol, stop_mode=self.b_stop_mode)[0]  # noqa: E731
-        return implicit(func(z), func, b_solve, self.backward_stats, sync_free=self.fixed_iterations, **opts), stats
+            b_opts = dict(max_iter=self.b_max_iter, tol=self.b_tol, stop_mode=self.b_stop_mode)
+            b_solve = lambda g_f, g0: solver(g_f, g0, **b_opts)[0]  # noqa: E731
+        return implicit(
+            func(z), func, b_solve, self.backward_stats, sync_free=self.fixed_iterations, **opts
+        ), stats
 
     def _solve_graphs(self) -> SolveGraphs:
         if self._graphs is None:

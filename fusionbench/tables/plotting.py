@@ -1,4 +1,5 @@
 """Shared figure output of the table builders."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -2,7 +2,7 @@
 
 Forward: a torchdeq solver under ``no_grad`` (early stopping on the residual), or `anderson_fixed`, a
 fixed-iteration Anderson solver with no host synchronisation inside its loop (the fast path: every
-shape is static, so `fusionbench.fusion.deq_graph` captures it in a CUDA graph).
+shape is static, so `fusionbench.fusion.deq.graph` captures it in a CUDA graph).
 
 Backward (DEQ paper Theorem 1, eqs. 5-6): `adjoint` solves the adjoint fixed point
 g = J_f(z*)^T g + dL/dz* and then *checks* it: the per-sample residual ||J^T g + dL/dz* - g|| relative to
@@ -13,6 +13,7 @@ solve never feeds an arbitrary vector to the optimiser. `ImplicitGrad` puts it (
 CUDA graph) in the backward pass. Counts of solves, failures and the residuals
 accumulate in `SolveStats` on the device, without host synchronisation.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -33,9 +34,16 @@ class SolveStats:
         self.solves = self.failed = self.residual = None
 
     def add(self, failed: torch.Tensor, residual: torch.Tensor) -> None:
-        failed, residual = failed.detach().float(), torch.nan_to_num(residual.detach().float(), nan=1e6, posinf=1e6)
+        failed, residual = (
+            failed.detach().float(),
+            torch.nan_to_num(residual.detach().float(), nan=1e6, posinf=1e6),
+        )
         if self.solves is None:
-            self.solves, self.failed, self.residual = failed.new_zeros(()), failed.new_zeros(()), failed.new_zeros(())
+            self.solves, self.failed, self.residual = (
+                failed.new_zeros(()),
+                failed.new_zeros(()),
+                failed.new_zeros(()),
+            )
         self.solves = self.solves + failed.numel()
         self.failed = self.failed + failed.sum()
         self.residual = self.residual + residual.clamp(max=1e6).sum()
@@ -66,8 +74,17 @@ def phantom_series(vjp: Func, grad: torch.Tensor, steps: int, tau: float) -> tor
     return tau * acc
 
 
-def adjoint(func: Func, z: torch.Tensor, grad: torch.Tensor, solve: Callable, fail_tol: float, steps: int, tau: float,
-            sync_free: bool, batch_global: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def adjoint(
+    func: Func,
+    z: torch.Tensor,
+    grad: torch.Tensor,
+    solve: Callable,
+    fail_tol: float,
+    steps: int,
+    tau: float,
+    sync_free: bool,
+    batch_global: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The checked solution g of g = J_f(z)^T g + grad, and per sample whether it failed and its relative residual.
 
     Samples whose residual is above ``fail_tol`` (or not finite) get the phantom series instead. ``sync_free``

@@ -17,26 +17,36 @@ numbers printed). Block::
                y: test/acc, y_label: "accuracy (%)", y_scale: 100,
                shares: {test/dynmm/share_uni: image only, test/dynmm/share_late: late fusion}}
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from fusionbench.results.plotting import save_figure
+from fusionbench.tables.plotting import save_figure
 
 KEYS = ("x", "x_fallback", "x_label", "x_scale", "y", "y_label", "y_scale", "shares", "linthresh")
 
 
-def check_tradeoff(block: dict[str, Any], metric_keys: list[str], rows: list[dict[str, Any]], where: str) -> None:
+def check_tradeoff(
+    block: dict[str, Any], metric_keys: list[str], rows: list[dict[str, Any]], where: str
+) -> None:
     unknown = sorted(set(block) - set(KEYS))
     if unknown:
         raise ValueError(f"{where}: tradeoff has unknown keys {unknown}; allowed: {list(KEYS)}")
     if not block.get("x") or not block.get("y"):
         raise ValueError(f"{where}: tradeoff needs `x` (compute key) and `y` (metric key)")
-    named = [block["x"], block["y"], *([block["x_fallback"]] if block.get("x_fallback") else []), *block.get("shares", {})]
+    named = [
+        block["x"],
+        block["y"],
+        *([block["x_fallback"]] if block.get("x_fallback") else []),
+        *block.get("shares", {}),
+    ]
     missing = [k for k in named if k not in metric_keys]
     if missing:
-        raise ValueError(f"{where}: tradeoff keys {missing} are not among the table's metrics; add them to `metrics`")
+        raise ValueError(
+            f"{where}: tradeoff keys {missing} are not among the table's metrics; add them to `metrics`"
+        )
     bad = [r["label"] for r in rows if "lambda" in r and not isinstance(r["lambda"], (int, float))]
     if bad:
         raise ValueError(f"{where}: rows {bad} have a non-numeric `lambda`")
@@ -59,11 +69,17 @@ def tradeoff_points(spec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if x is None or y is None:
             continue
         sx, sy = float(t.get("x_scale", 1.0)), float(t.get("y_scale", 1.0))
-        out.append({
-            "label": r["label"], "lambda": lam.get(r["label"]),
-            "x": x * sx, "x_std": (xs or 0.0) * sx, "y": y * sy, "y_std": (ys or 0.0) * sy,
-            "shares": {k: r.get(k, (None, None)) for k in t.get("shares", {})},
-        })
+        out.append(
+            {
+                "label": r["label"],
+                "lambda": lam.get(r["label"]),
+                "x": x * sx,
+                "x_std": (xs or 0.0) * sx,
+                "y": y * sy,
+                "y_std": (ys or 0.0) * sy,
+                "shares": {k: r.get(k, (None, None)) for k in t.get("shares", {})},
+            }
+        )
     return out
 
 
@@ -78,14 +94,33 @@ def tradeoff_figure(spec, rows: list[dict[str, Any]], out_dir: Path) -> Path:
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.8))
     swept = sorted((p for p in points if p["lambda"] is not None), key=lambda p: p["lambda"])
     if swept:
-        ax.errorbar([p["x"] for p in swept], [p["y"] for p in swept], xerr=[p["x_std"] for p in swept],
-                    yerr=[p["y_std"] for p in swept], marker="o", capsize=3, color="C0", label="DynMM (λ sweep)")
+        ax.errorbar(
+            [p["x"] for p in swept],
+            [p["y"] for p in swept],
+            xerr=[p["x_std"] for p in swept],
+            yerr=[p["y_std"] for p in swept],
+            marker="o",
+            capsize=3,
+            color="C0",
+            label="DynMM (λ sweep)",
+        )
         for p in swept:
-            ax.annotate(f"λ={p['lambda']:g}", (p["x"], p["y"]), textcoords="offset points", xytext=(4, 4), fontsize=6)
+            ax.annotate(
+                f"λ={p['lambda']:g}", (p["x"], p["y"]), textcoords="offset points", xytext=(4, 4), fontsize=6
+            )
     markers = iter("sD^vP*X")
     for i, p in enumerate(p for p in points if p["lambda"] is None):
-        ax.errorbar([p["x"]], [p["y"]], xerr=[p["x_std"]], yerr=[p["y_std"]], marker=next(markers, "o"), capsize=3,
-                    linestyle="none", color=f"C{i + 1}", label=p["label"])
+        ax.errorbar(
+            [p["x"]],
+            [p["y"]],
+            xerr=[p["x_std"]],
+            yerr=[p["y_std"]],
+            marker=next(markers, "o"),
+            capsize=3,
+            linestyle="none",
+            color=f"C{i + 1}",
+            label=p["label"],
+        )
     if not points:
         ax.text(0.5, 0.5, "no runs yet", ha="center", va="center", transform=ax.transAxes)
     else:
@@ -99,8 +134,15 @@ def tradeoff_figure(spec, rows: list[dict[str, Any]], out_dir: Path) -> Path:
         pts = [(p["lambda"], *p["shares"][key]) for p in swept if p["shares"][key][0] is not None]
         if pts:
             drawn = True
-            bx.errorbar([a for a, _, _ in pts], [m for _, m, _ in pts], yerr=[s or 0.0 for _, _, s in pts],
-                        marker="o", capsize=3, color=f"C{j}", label=label)
+            bx.errorbar(
+                [a for a, _, _ in pts],
+                [m for _, m, _ in pts],
+                yerr=[s or 0.0 for _, _, s in pts],
+                marker="o",
+                capsize=3,
+                color=f"C{j}",
+                label=label,
+            )
     bx.set_xscale("symlog", linthresh=float(t.get("linthresh", 0.01)))
     bx.set_ylim(-0.05, 1.05)
     if drawn:

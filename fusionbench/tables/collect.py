@@ -4,6 +4,7 @@ Only finished runs count: a folder without a record, with a record whose status 
 ``complete``, or from a fast dev run is skipped. One row per (experiment, seed): if two folders
 hold the same pair, the one whose path sorts last wins and a warning names both.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,10 +31,14 @@ def flatten(record: dict[str, Any]) -> dict[str, Any]:
     row["epochs_trained"] = record.get("epochs_trained")
     row["params"] = (record.get("params") or {}).get("total")
     row["git_sha"] = (record.get("git") or {}).get("sha")
-    row["madds"] = (record.get("compute") or {}).get("madds")  # multiply-adds per sample at batch 1 (fusionbench.compute)
+    row["madds"] = (record.get("compute") or {}).get(
+        "madds"
+    )  # multiply-adds per sample at batch 1 (fusionbench.compute)
     row["robustness"] = record.get("robustness")  # noise curves (robustness tables), or None
     row["deq_test_converged"] = deq_test_converged(record)
-    for batch, ms in ((record.get("dynmm_timing") or {}).get("ms_per_sample") or {}).items():  # fusionbench.dynmm_timing
+    for batch, ms in (
+        (record.get("dynmm_timing") or {}).get("ms_per_sample") or {}
+    ).items():  # fusionbench.fusion.dynmm.timing
         for key, value in ms.items():
             row[f"dynmm_timing/b{batch}/{key}"] = value
     for scope, curve in ((row["robustness"] or {}).get("curves") or {}).items():
@@ -45,7 +50,7 @@ def flatten(record: dict[str, Any]) -> dict[str, Any]:
 def deq_test_converged(record: dict[str, Any]) -> float | None:
     """Share of test samples whose DEQ forward solve converged (None: no DEQ fusion in the run).
 
-    From the ``deq_solver`` entry of `fusionbench.callbacks.DEQMonitor`; records older than it have only the
+    From the ``deq_solver`` entry of `fusionbench.fusion.deq.callbacks.DEQMonitor`; records older than it have only the
     mean test residual, and count as converged when it is within the default failure tolerance 0.1."""
     solver = (record.get("deq_solver") or {}).get("test_forward") or {}
     if "converged" in solver:
@@ -75,7 +80,12 @@ def collect_runs(roots: Iterable[str | Path]) -> pd.DataFrame:
             row["path"] = str(path.parent)
             key = (row["experiment_name"], row["seed"])
             if key in rows:
-                log.warning("Two runs of %s seed %s: %s and %s; using the latter", *key, rows[key]["path"], row["path"])
+                log.warning(
+                    "Two runs of %s seed %s: %s and %s; using the latter",
+                    *key,
+                    rows[key]["path"],
+                    row["path"],
+                )
             rows[key] = row
     frame = pd.DataFrame(list(rows.values()))
     if frame.empty:

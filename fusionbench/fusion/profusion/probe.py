@@ -5,6 +5,7 @@ unroll step t = 1..R on training and test samples; a multinomial logistic regres
 (modality, step) on the training features and scored on the test features. Rising accuracy over t means
 the unimodal representation takes in information from the other modalities through the feedback.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
@@ -16,10 +17,14 @@ from fusionbench.errors import ConfigError
 
 
 @torch.no_grad()
-def unrolled_embeddings(model, batches: Iterable[Mapping], steps: int, limit: int | None = None) -> tuple[dict, torch.Tensor]:
+def unrolled_embeddings(
+    model, batches: Iterable[Mapping], steps: int, limit: int | None = None
+) -> tuple[dict, torch.Tensor]:
     """``({modality: [step-1 features (N, d), ..., step-R features]}, labels (N,))``."""
     if not hasattr(model, "unroll"):
-        raise ConfigError(f"Linear probes over unroll steps need a Pro-Fusion model; got {type(model).__name__}.")
+        raise ConfigError(
+            f"Linear probes over unroll steps need a Pro-Fusion model; got {type(model).__name__}."
+        )
     was_training = model.training
     model.eval()
     feats: dict[str, list[list[torch.Tensor]]] = {}
@@ -37,7 +42,9 @@ def unrolled_embeddings(model, batches: Iterable[Mapping], steps: int, limit: in
     return out, torch.cat(labels)[:limit]
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float = 1e-4, max_iter: int = 200) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def fit_logistic(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float = 1e-4, max_iter: int = 200
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression on standardised features by L-BFGS; returns (W, b, mean, std)."""
     x = x.double()
     mean, std = x.mean(0), x.std(0).clamp_min(1e-8)
@@ -56,19 +63,32 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float =
     return w.detach(), b.detach(), mean, std
 
 
-def probe_accuracy(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor], num_classes: int) -> float:
+def probe_accuracy(
+    train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor], num_classes: int
+) -> float:
     w, b, mean, std = fit_logistic(*train, num_classes)
     x, y = test
     pred = (((x.double() - mean) / std) @ w + b).argmax(1)
     return float((pred == y).double().mean())
 
 
-def linear_probe(model, train_batches: Iterable[Mapping], test_batches: Iterable[Mapping], num_classes: int,
-                 steps: int | None = None, train_limit: int | None = 10000) -> dict[str, list[float]]:
+def linear_probe(
+    model,
+    train_batches: Iterable[Mapping],
+    test_batches: Iterable[Mapping],
+    num_classes: int,
+    steps: int | None = None,
+    train_limit: int | None = 10000,
+) -> dict[str, list[float]]:
     """``{modality: [test accuracy of the probe at step 1, ..., step R]}``."""
     if not hasattr(model, "unroll"):
-        raise ConfigError(f"Linear probes over unroll steps need a Pro-Fusion model; got {type(model).__name__}.")
+        raise ConfigError(
+            f"Linear probes over unroll steps need a Pro-Fusion model; got {type(model).__name__}."
+        )
     steps = int(steps or model.unroll_steps)
     tr, y_tr = unrolled_embeddings(model, train_batches, steps, train_limit)
     te, y_te = unrolled_embeddings(model, test_batches, steps)
-    return {m: [probe_accuracy((tr[m][t], y_tr), (te[m][t], y_te), num_classes) for t in range(steps)] for m in sorted(tr)}
+    return {
+        m: [probe_accuracy((tr[m][t], y_tr), (te[m][t], y_te), num_classes) for t in range(steps)]
+        for m in sorted(tr)
+    }

@@ -13,7 +13,7 @@ Division of work inside fusionbench: this model holds the weights as a buffer (s
 checkpoints) and adds, through ``target_loss(output, target)`` (which `FusionTask` adds to its own
 unit-weight loss on the fused logits), ``(w_fused - 1) * L(fused) + sum_m w_m * L(uni_m)``; the total is
 exactly the blended loss above. The weights are re-estimated every ``gb_epoch`` epochs by
-`fusionbench.gradient_blend_callback.GradientBlendCallback` from the live model's train and held-out losses of every
+`fusionbench.fusion.gradient_blend.GradientBlendCallback` from the live model's train and held-out losses of every
 head (`blend_weights_from_losses`). Differences from MultiBench's ``gradient_blend.train``, which
 re-estimates each round by training throw-away copies of the unimodal and multimodal networks for
 ``gb_epoch`` epochs on 92% of train and measures on the other 8%, and fine-tunes a copy of the fused head
@@ -73,15 +73,15 @@ def blend_weights_from_losses(
 
 class GradientBlendFusion(EncoderFusion):
     """Args:
-        encoders: one encoder per modality.
-        num_outputs: classes / targets.
-        uni_head_hidden: hidden widths of every unimodal head ([100]).
-        uni_head_dropout: dropout inside the unimodal heads.
-        init_weights: ``{modality: w, ..., fused: w}`` used until the first estimate (normalised);
-            None: uniform.
-        task_type: loss of every head, as the task's (``multiclass``, ``multilabel``, ``regression``).
-        head_hidden: hidden widths of the fused head ([100]).
-        head_dropout: dropout inside the fused head.
+    encoders: one encoder per modality.
+    num_outputs: classes / targets.
+    uni_head_hidden: hidden widths of every unimodal head ([100]).
+    uni_head_dropout: dropout inside the unimodal heads.
+    init_weights: ``{modality: w, ..., fused: w}`` used until the first estimate (normalised);
+        None: uniform.
+    task_type: loss of every head, as the task's (``multiclass``, ``multilabel``, ``regression``).
+    head_hidden: hidden widths of the fused head ([100]).
+    head_dropout: dropout inside the fused head.
     """
 
     def __init__(
