@@ -5,7 +5,7 @@ for each sample) against running every expert, each expert alone and the gate al
         --samples 1000 --batch 1 40 --threads 1 --out results/dynmm_timing.md
 
 Each RUN is a finished DynMM run folder with its ``.hydra/config.yaml`` and a checkpoint under
-``checkpoints/`` (the tested one: ``epoch*.ckpt``; ``last.ckpt`` when there is no other). The model is
+``checkpoints/`` (the tested one, as `fusionbench.runs.selected_checkpoint` finds it). The model is
 rebuilt from the run's config, loaded, and timed by `fusionbench.fusion.dynmm.timing.time_routing` (the same
 measurement a DynMM run writes to its record as ``dynmm_timing``) on the first ``--samples`` test samples.
 """
@@ -16,38 +16,21 @@ import argparse
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
+from fusionbench.errors import FusionbenchError
 from fusionbench.fusion.dynmm.timing import find_dynmm, first_test_inputs, time_routing
-from fusionbench.train import build
-
-
-def checkpoint(run: Path) -> Path:
-    found = sorted((run / "checkpoints").glob("epoch*.ckpt")) or sorted(
-        (run / "checkpoints").glob("last.ckpt")
-    )
-    if len(found) != 1:
-        raise SystemExit(
-            f"{run}/checkpoints holds {[p.name for p in found] or 'no checkpoint'}; expected one epoch*.ckpt or last.ckpt"
-        )
-    return found[0]
+from fusionbench.runs import load_run, run_config
 
 
 def bench(run: Path, args: argparse.Namespace) -> dict:
-    if not (run / ".hydra" / "config.yaml").is_file():
-        raise SystemExit(
-            f"{run} is not a run folder (no .hydra/config.yaml); pass results/runs/<experiment>/seed=<n> of a DynMM run."
-        )
-    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
-    if "DynMM" not in str(cfg.get("fusion", {}).get("_target_", "")):
-        raise SystemExit(
-            f"{run} is not a fusion=dynmm run (its fusion is {cfg.get('fusion', {}).get('_target_')})."
-        )
-    cfg.paths.output_dir = str(run)
-    cfg.fusion.stage1_ckpt = None  # the run's own checkpoint holds the trained experts
-    cfg.fusion.freeze_experts = False
-    dm, task = build(cfg)
-    task.load_state_dict(torch.load(checkpoint(run), map_location="cpu", weights_only=False)["state_dict"])
+    try:
+        target = str(run_config(run).get("fusion", {}).get("_target_", ""))
+        if "DynMM" not in target:
+            raise SystemExit(f"{run} is not a fusion=dynmm run (its fusion is {target}).")
+        # the run's own checkpoint holds the trained experts: no stage-I loading, nothing frozen
+        _, dm, task = load_run(run, {"fusion.stage1_ckpt": None, "fusion.freeze_experts": False})
+    except FusionbenchError as e:
+        raise SystemExit(str(e)) from None
     model = find_dynmm(task)
     dm.setup("test")
     out = time_routing(model, first_test_inputs(dm, args.samples), args.batch, args.repeats)

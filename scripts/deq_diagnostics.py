@@ -10,27 +10,15 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-from omegaconf import OmegaConf, open_dict
-
 import fusionbench.train  # noqa: F401  (registers the config resolvers)
+from fusionbench.errors import FusionbenchError
 from fusionbench.fusion.deq.callbacks import deq_diagnostics
 from fusionbench.records import write_json
-from fusionbench.train import build
+from fusionbench.runs import load_run
 
 
 def run(folder: Path, steps: int) -> str:
-    if not (folder / ".hydra" / "config.yaml").is_file():
-        return "not a run folder (no .hydra/config.yaml)"
-    cfg = OmegaConf.load(folder / ".hydra" / "config.yaml")
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(folder)
-    ckpts = sorted((folder / "checkpoints").glob("epoch*.ckpt"))
-    if not ckpts:
-        return "no best checkpoint (checkpoints/epoch*.ckpt)"
-    torch.manual_seed(int(cfg.seed))
-    dm, task = build(cfg)
-    task.load_state_dict(torch.load(ckpts[-1], map_location="cpu", weights_only=False)["state_dict"])
+    _, dm, task = load_run(folder)
     batch = next(iter(dm.test_dataloader()))
     result = deq_diagnostics(task.model, batch["inputs"], steps)
     if result is None:
@@ -46,7 +34,10 @@ def main() -> None:
     args = p.parse_args()
     failed = 0
     for folder in args.runs:
-        status = run(folder, args.steps)
+        try:
+            status = run(folder, args.steps)
+        except FusionbenchError as e:
+            status = f"failed: {e}"
         failed += status != "written"
         print(f"{folder}: {status}")
     sys.exit(1 if failed == len(args.runs) else 0)

@@ -12,28 +12,15 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-from omegaconf import OmegaConf, open_dict
-
 import fusionbench.train  # noqa: F401  (registers the config resolvers)
 from fusionbench.errors import FusionbenchError
 from fusionbench.fusion.profusion.probe import linear_probe
 from fusionbench.records import write_json
-from fusionbench.train import build
+from fusionbench.runs import load_run
 
 
 def run(folder: Path, steps: int | None, train_samples: int) -> str:
-    if not (folder / ".hydra" / "config.yaml").is_file():
-        return "not a run folder (no .hydra/config.yaml)"
-    ckpts = sorted((folder / "checkpoints").glob("epoch*.ckpt"))
-    if not ckpts:
-        return "no best checkpoint (checkpoints/epoch*.ckpt)"
-    cfg = OmegaConf.load(folder / ".hydra" / "config.yaml")
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(folder)
-    torch.manual_seed(int(cfg.seed))
-    dm, task = build(cfg)
-    task.load_state_dict(torch.load(ckpts[-1], map_location="cpu", weights_only=False)["state_dict"])
+    _, dm, task = load_run(folder)
     dm.setup("test")
     acc = linear_probe(
         task.model, dm.train_dataloader(), dm.test_dataloader(), dm.num_outputs, steps, train_samples

@@ -240,11 +240,14 @@ EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.y
 
 def _smoke_params() -> list:
     """Every experiment; those that differ from an earlier one only in the stock sector (same model, same code
-    path, other tickers) run in the slow suite: `test_configs` composes all of them in the fast one."""
+    path, other tickers) and Table 4 base rows (their model runs inside the Pro-Fusion row) run in the slow
+    suite: `test_configs` composes all of them in the fast one."""
     seen, params = set(), []
     for name in EXPERIMENTS:
         shape = re.sub(r"_(fnb|health|tech)_", "_<sector>_", name)
-        params.append(pytest.param(name, marks=pytest.mark.slow) if shape in seen else name)
+        # a Table 4 base model runs inside its Pro-Fusion row as well: that row smoke-runs both
+        wrapped = name.startswith("pro_t4_") and name.endswith("_base") and name[:-5] + "_pro" in EXPERIMENTS
+        params.append(pytest.param(name, marks=pytest.mark.slow) if shape in seen or wrapped else name)
         seen.add(shape)
     return params
 
