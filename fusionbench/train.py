@@ -150,7 +150,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         test_ckpt = ckpt_path
     test_metrics = trainer.test(task, datamodule=dm, ckpt_path=test_ckpt)[0] if cfg.test else {}
 
-    if cfg.test and trainer.is_global_zero:
+    if (cfg.test or cfg.get("robustness")) and trainer.is_global_zero:
         load_tested(task, test_ckpt)  # what follows looks at the tested weights
     robustness = (
         robustness_curves(cfg.robustness, dm, task)
