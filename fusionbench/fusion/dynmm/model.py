@@ -82,10 +82,10 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from fusionbench import ROOT
 from fusionbench.compute import count_madds
 from fusionbench.errors import ConfigError
 from fusionbench.fusion.base import FusionOutput, as_module_dict
+from fusionbench.fusion.configs import fusion_names
 from fusionbench.fusion.dynmm.config import parse_cost, parse_temperature, resolve_modalities
 from fusionbench.fusion.dynmm.gates import build_gate
 from fusionbench.fusion.dynmm.routing import (
@@ -236,11 +236,7 @@ class DynMMFusion(nn.Module):
             )
         fusion = spec["fusion"]
         if isinstance(fusion, str):
-            names = sorted(
-                p.stem
-                for p in (ROOT / "configs" / "fusion").glob("*.yaml")
-                if p.stem not in ("dynmm", "profusion")
-            )
+            names = fusion_names(exclude=("dynmm", "profusion"))
             if fusion not in names:
                 raise ConfigError(
                     f"fusion.experts.{name}.fusion={fusion!r} is not a fusion DynMM can use as an expert; choose one of {names}."

@@ -40,33 +40,11 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from fusionbench import ROOT
 from fusionbench.errors import ConfigError
 from fusionbench.fusion.base import FusionOutput, FusionStep, as_module_dict
+from fusionbench.fusion.configs import fusion_config
 
 FEEDBACK = ("fused", "own")
-
-
-def load_fusion_config(name: str) -> Any:
-    """``configs/fusion/<name>.yaml`` with its same-group defaults (``- deq@fusion``) composed in,
-    the one form of defaults list the fusion group uses."""
-    path = ROOT / "configs" / "fusion" / f"{name}.yaml"
-    names = sorted(p.stem for p in path.parent.glob("*.yaml") if p.stem != "profusion")
-    if name == "profusion" or not path.is_file():
-        raise ConfigError(f"fusion.base={name!r} is not a fusion Pro-Fusion can wrap; choose one of {names}.")
-    node = OmegaConf.load(path)
-    defaults = list(node.pop("defaults", None) or ["_self_"])
-    if "_self_" not in defaults:
-        defaults.append("_self_")
-    merged = OmegaConf.create()
-    for entry in defaults:
-        if entry == "_self_":
-            merged = OmegaConf.merge(merged, node)
-            continue
-        child, _, package = str(entry).partition("@")
-        sub = load_fusion_config(child)
-        merged = OmegaConf.merge(merged, OmegaConf.create({package: sub}) if package else sub)
-    return merged
 
 
 def build_base(
@@ -84,7 +62,7 @@ def build_base(
             )
         return base(encoders=encoders, num_outputs=num_outputs)
     if isinstance(base, str):
-        node = load_fusion_config(base)
+        node = fusion_config(base, user="Pro-Fusion", exclude=("profusion",))
     elif isinstance(base, Mapping):
         node = OmegaConf.create(dict(base))
     else:
