@@ -1,4 +1,5 @@
-"""Fusion methods, one file each. Contract: built from ``encoders`` and ``num_outputs``;
+"""Fusion methods, one file each; a method with training-time behaviour (callbacks, diagnostics, timing) is one
+package (`deq`, `dynmm`, `gradient_blend`, `profusion`). Contract: built from ``encoders`` and ``num_outputs``;
 ``forward(inputs) -> FusionOutput(logits, aux_loss, info)``; iterable models also provide
 ``step``/``predict`` (see base.py), which the Pro-Fusion wrapper uses."""
 
