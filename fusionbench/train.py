@@ -40,16 +40,20 @@ OmegaConf.register_new_resolver("fb.env", lambda name, default: os.environ.get(n
 
 
 def build_encoders(backbone: DictConfig, dm: FusionDataModule) -> nn.ModuleDict:
-    """One encoder per dataset modality; ``input_dim`` comes from the data, never from YAML."""
-    missing = [m for m in dm.modalities if m not in backbone]
+    """One encoder per dataset modality: ``backbone.<modality>``, else ``backbone._default_`` (one encoder config
+    for every modality, e.g. one LSTM per stock whatever the sector's tickers). ``input_dim`` comes from the data,
+    never from YAML."""
+    default = backbone.get("_default_")
+    missing = [m for m in dm.modalities if m not in backbone and default is None]
     if missing:
         raise ConfigError(
             f"Dataset '{dm.name}' provides modalities {dm.modalities} but the backbone has encoders only for "
-            f"{sorted(backbone)} (missing {missing}). Pick a matching `backbone=` or set `dataset.modalities`."
+            f"{sorted(backbone)} (missing {missing}) and no `_default_`. Pick a matching `backbone=` or set "
+            "`dataset.modalities`."
         )
     encoders = {}
     for m in dm.modalities:
-        node = backbone[m]
+        node = backbone[m] if m in backbone else default
         params = inspect.signature(get_class(node._target_)).parameters
         if "input_dim" in params:
             given = node.get("input_dim")

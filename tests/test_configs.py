@@ -35,7 +35,9 @@ def test_default_composition_is_rosmap_deq_fusion():
 def test_backbone_follows_dataset(dataset):
     cfg = compose_cfg([f"dataset={dataset}"])
     dm = instantiate(cfg.dataset, _convert_="all")
-    assert sorted(cfg.backbone) == sorted(dm.modalities)
+    named = sorted(k for k in cfg.backbone if k != "_default_")
+    # every modality has an encoder: its own entry, or the backbone's `_default_` (stocks: one per ticker)
+    assert named == sorted(dm.modalities) or (named == [] and "_default_" in cfg.backbone)
 
 
 def test_backbone_override_still_wins_and_mismatch_is_explained():
@@ -47,6 +49,31 @@ def test_backbone_override_still_wins_and_mismatch_is_explained():
         ConfigError, match=r"modalities \['audio', 'image', 'text'\].*missing \['audio', 'image', 'text'\]"
     ):
         build_encoders(cfg.backbone, dm)
+
+
+def test_default_encoder_serves_every_unnamed_modality():
+    cfg = compose_cfg(
+        [
+            "dataset=synthetic",
+            "backbone=rosmap",
+            "+backbone._default_={_target_: fusionbench.encoders.MLPEncoder, hidden_dims: [7]}",
+            "+backbone.text={_target_: fusionbench.encoders.MLPEncoder, hidden_dims: [3]}",
+        ]
+    )
+    dm = instantiate(cfg.dataset, _convert_="all")
+    dm.setup()
+    encoders = build_encoders(cfg.backbone, dm)
+    assert sorted(encoders) == [
+        "audio",
+        "image",
+        "text",
+    ]  # the rosmap views are not this dataset's: not built
+    assert (encoders["audio"].output_dim, encoders["image"].output_dim, encoders["text"].output_dim) == (
+        7,
+        7,
+        3,
+    )
+    assert encoders["audio"] is not encoders["image"]  # one encoder per modality, not one shared
 
 
 def test_explicit_input_dim_must_match_the_data():
@@ -153,7 +180,7 @@ def test_every_experiment_composes_and_names_itself(experiment):
     # sweep experiments name each point after its value (pro_fig4_lattice_late_h32)
     assert cfg.experiment_name == experiment or cfg.experiment_name.startswith(f"{experiment}_")
     dm = instantiate(cfg.dataset, _convert_="all")
-    assert set(dm.modalities) <= set(cfg.backbone)
+    assert set(dm.modalities) <= set(cfg.backbone) or "_default_" in cfg.backbone
 
 
 def run_cli(*args: str, tmp_path) -> subprocess.CompletedProcess:

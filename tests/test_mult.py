@@ -238,7 +238,8 @@ def test_errors_are_clear():
 
 def test_configs_compose_on_the_fnb_backbone():
     cfg = compose_cfg(["dataset=stocks", "fusion=mult"])
-    encoders = {k: instantiate(v) for k, v in cfg.backbone.items()}
+    tickers = instantiate(cfg.dataset, _convert_="all").modalities  # the backbone's `_default_` serves each
+    encoders = {k: instantiate(cfg.backbone._default_) for k in tickers}
     m = instantiate(cfg.fusion, encoders=encoders, num_outputs=1, _convert_="all")
     assert m.members == {
         "g0": ["cag", "cpb", "dri", "gis"],
