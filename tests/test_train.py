@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 
@@ -238,24 +237,10 @@ def mosei_fixture_dir(tmp_path_factory):
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
 
 
-def _smoke_params() -> list:
-    """Every experiment; those that differ from an earlier one only in the stock sector (same model, same code
-    path, other tickers) and Table 4 base rows (their model runs inside the Pro-Fusion row) run in the slow
-    suite: `test_configs` composes all of them in the fast one."""
-    seen, params = set(), []
-    for name in EXPERIMENTS:
-        shape = re.sub(r"_(fnb|health|tech)_", "_<sector>_", name)
-        # a Table 4 base model runs inside its Pro-Fusion row as well: that row smoke-runs both
-        wrapped = name.startswith("pro_t4_") and name.endswith("_base") and name[:-5] + "_pro" in EXPERIMENTS
-        params.append(pytest.param(name, marks=pytest.mark.slow) if shape in seen or wrapped else name)
-        seen.add(shape)
-    return params
-
-
 FIXTURE_SIZES = "dataset.num_samples={train: 24, val: 8, test: 8}"
 
 
-@pytest.mark.parametrize("experiment", _smoke_params())
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_smoke_runs(
     experiment, make_cfg, brca_fixture_dir, avmnist_fixture_dir, mmimdb_fixture_dir, mosei_fixture_dir
 ):
@@ -282,6 +267,9 @@ def test_every_experiment_smoke_runs(
             "dataset.num_train=64",
             "dataset.num_val=16",
             "robustness.levels=[0.0,0.5]",
+            # 2010 only: ~80 test windows instead of the ~6,000 short windows the whole snapshot gives
+            "dataset.start_date=2010-01-04",
+            "dataset.end_date=2010-08-31",
         ]
     if "_mmimdb" in experiment:
         extra = [f"paths.data_dir={mmimdb_fixture_dir}", FIXTURE_SIZES]
