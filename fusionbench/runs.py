@@ -48,9 +48,12 @@ def selected_checkpoint(run: str | Path) -> Path:
     return found[0]
 
 
-def checkpoint_state(path: str | Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+def checkpoint_state(
+    path: str | Path, what: str = "checkpoint", missing_hint: str = ""
+) -> dict[str, torch.Tensor]:
     """The ``state_dict`` of a Lightning ``.ckpt`` (or of a bare state dict). A glob such as
-    ``.../checkpoints/epoch*.ckpt`` must match exactly one file. ``what`` names the setting in error messages."""
+    ``.../checkpoints/epoch*.ckpt`` must match exactly one file. ``what`` names the setting in error messages;
+    ``missing_hint`` says what to pass instead when the file does not exist."""
     p = Path(path)
     if not p.is_file() and any(c in str(path) for c in "*?["):
         matches = sorted(p.parent.glob(p.name)) if not any(c in str(p.parent) for c in "*?[") else []
@@ -61,7 +64,7 @@ def checkpoint_state(path: str | Path, what: str = "checkpoint") -> dict[str, to
             )
         p = matches[0] if matches else p
     if not p.is_file():
-        raise ConfigError(f"{what}={path} does not exist.")
+        raise ConfigError(f"{what}={path} does not exist." + (f" {missing_hint}" if missing_hint else ""))
     ckpt = torch.load(p, map_location="cpu", weights_only=False)
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, Mapping) else None
     if not isinstance(state, Mapping):

@@ -120,6 +120,10 @@ def main() -> None:
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--out", help="also write the table as markdown to this file")
     args = p.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(
+            f"--device {args.device}: no CUDA device is visible here; run on a GPU machine or use --device cpu."
+        )
     logging.getLogger("fusionbench").setLevel(logging.ERROR)
     head = (
         f"device={args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}), f_max_iter={args.f_max_iter}, "

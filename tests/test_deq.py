@@ -383,7 +383,7 @@ def test_small_solve_matches_lapack_on_spd_systems(float64):
         assert torch.allclose(small_solve(A, b), torch.linalg.solve(A, b), atol=1e-8)
 
 
-def test_cuda_graph_option_needs_fixed_iterations_and_falls_back_on_cpu(float64):
+def test_cuda_graph_option_needs_fixed_iterations_and_falls_back_on_cpu(float64, caplog):
     with pytest.raises(ConfigError, match="cuda_graph=true needs fusion.fixed_iterations=true"):
         DEQFusion(identity_encoders(), num_outputs=2, cuda_graph=True)
     torch.manual_seed(0)
@@ -404,6 +404,7 @@ def test_cuda_graph_option_needs_fixed_iterations_and_falls_back_on_cpu(float64)
         _param_grads(graphed, x), _param_grads(fixed, x)
     ):  # CPU tensors: the eager fixed path, exactly
         assert torch.equal(a, b)
+    assert sum("cuda_graph=true has no effect on CPU" in r.message for r in caplog.records) == 1  # warned once
     import copy
     import pickle
 

@@ -56,6 +56,7 @@ number of kernel launches for 2 or 20 modalities.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Mapping
@@ -70,6 +71,8 @@ from fusionbench.errors import ConfigError, TrainingError
 from fusionbench.fusion.base import EncoderFusion, require_equal_dims
 from fusionbench.fusion.deq.graph import SolveGraphs
 from fusionbench.fusion.deq.solve import ImplicitGrad, SolveStats, anderson_fixed, implicit, phantom
+
+log = logging.getLogger("fusionbench")
 
 SOLVERS = ("anderson", "broyden", "fixed_point_iter")
 
@@ -272,6 +275,7 @@ class DEQFusion(EncoderFusion):
         suffix = "_global" if residual_norm == "batch" else ""
         self.grad, self.fixed_iterations, self.cuda_graph = grad, fixed_iterations, cuda_graph
         self._graphs: SolveGraphs | None = None  # captured lazily on the first CUDA solve
+        self._warned_cpu_graph = False
         self.f_solver, self.b_solver = f_solver + suffix, b_solver + suffix
         self.f_max_iter, self.b_max_iter, self.eval_f_max_iter = (
             f_max_iter,
@@ -361,6 +365,11 @@ class DEQFusion(EncoderFusion):
         training = self.training and torch.is_grad_enabled()
         max_iter = self.f_max_iter if self.training else self.eval_f_max_iter
         graphs = self._solve_graphs() if self.cuda_graph and state0.is_cuda else None
+        if self.cuda_graph and graphs is None and not self._warned_cpu_graph:
+            self._warned_cpu_graph = True
+            log.warning(
+                "fusion.cuda_graph=true has no effect on CPU tensors: the fixed-iteration solves run eagerly."
+            )
         with torch.no_grad():
             if graphs is not None:
                 z, abs_res, rel_res = graphs.forward(

@@ -16,16 +16,13 @@ if TYPE_CHECKING:
 
 
 def _state(path: str) -> dict[str, torch.Tensor]:
-    try:
-        return checkpoint_state(path, what="fusion.stage1_ckpt")
-    except ConfigError as exc:
-        if "does not exist" not in str(exc):
-            raise
-        raise ConfigError(
-            f"fusion.stage1_ckpt={path} does not exist. Pass the .ckpt of an earlier fusion=dynmm run that trained stage I "
-            "(e.g. its checkpoints/last.ckpt after fusion.stage1_epochs=N trainer.max_epochs=N), or "
-            "{expert: .ckpt of that expert's own run}; or set fusion.stage1_ckpt=null to train stage I in this run."
-        ) from None
+    return checkpoint_state(
+        path,
+        what="fusion.stage1_ckpt",
+        missing_hint="Pass the .ckpt of an earlier fusion=dynmm run that trained stage I (e.g. its checkpoints/last.ckpt "
+        "after fusion.stage1_epochs=N trainer.max_epochs=N), or {expert: .ckpt of that expert's own run}; or set "
+        "fusion.stage1_ckpt=null to train stage I in this run.",
+    )
 
 
 def load_stage1(model: DynMMFusion, source: str | Mapping[str, str]) -> None:
