@@ -404,7 +404,9 @@ def test_cuda_graph_option_needs_fixed_iterations_and_falls_back_on_cpu(float64,
         _param_grads(graphed, x), _param_grads(fixed, x)
     ):  # CPU tensors: the eager fixed path, exactly
         assert torch.equal(a, b)
-    assert sum("cuda_graph=true has no effect on CPU" in r.message for r in caplog.records) == 1  # warned once
+    assert (
+        sum("cuda_graph=true has no effect on CPU" in r.message for r in caplog.records) == 1
+    )  # warned once
     import copy
     import pickle
 
