@@ -23,7 +23,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from fusionbench import ROOT
+from fusionbench import ROOT, experiments
 from fusionbench.data.base import FusionDataModule
 from fusionbench.errors import ConfigError, FusionbenchError
 from fusionbench.records import RunRecord, git_state, runtime_info
@@ -32,11 +32,13 @@ from fusionbench.task import FusionTask
 log = logging.getLogger("fusionbench")
 
 OmegaConf.register_new_resolver("fb.root", lambda: str(ROOT), replace=True)
-# like oc.env, but an empty variable also falls back to the default (WANDB_MODE= means "not set")
 OmegaConf.register_new_resolver(
     "fb.mul", lambda a, b: int(a) * int(b), replace=True
 )  # widths derived from a swept one
+# like oc.env, but an empty variable also falls back to the default (WANDB_MODE= means "not set")
 OmegaConf.register_new_resolver("fb.env", lambda name, default: os.environ.get(name) or default, replace=True)
+# the results tables' rows become `experiment=<row>` options; importing this module is enough (notebooks, launcher jobs)
+experiments.register()
 
 
 def build_encoders(backbone: DictConfig, dm: FusionDataModule) -> nn.ModuleDict:

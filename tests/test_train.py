@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import FAST
+from conftest import FAST, compose_cfg
 
 from fusionbench import ROOT
 from fusionbench.errors import ConfigError, TrainingError
@@ -234,7 +234,28 @@ def mosei_fixture_dir(tmp_path_factory):
     return root
 
 
-EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
+def smoke_experiments() -> list[str]:
+    """One experiment per distinct code path: every recipe file and every table row, except that the rows of a
+    recipe that choose the same configs and switches (strings and booleans) and differ only in numbers, lists or
+    mappings (a λ sweep, the views of a DEQ row, the points of a curve) share one smoke run.
+    test_experiments.py composes every one of them."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from fusionbench.experiments import rows
+
+    parser = OverridesParser.create()
+    chosen: dict[tuple, str] = {
+        (p.stem, ()): p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml")
+    }
+    for name, row in sorted(rows().items()):
+        choices = [
+            o for o in parser.parse_overrides(list(row.overrides)) if isinstance(o.value(), str | bool)
+        ]
+        chosen.setdefault((row.recipe, tuple(sorted(f"{o.key_or_group}={o.value()}" for o in choices))), name)
+    return sorted(chosen.values())
+
+
+EXPERIMENTS = smoke_experiments()
 
 
 FIXTURE_SIZES = "dataset.num_samples={train: 24, val: 8, test: 8}"
@@ -244,23 +265,27 @@ FIXTURE_SIZES = "dataset.num_samples={train: 24, val: 8, test: 8}"
 def test_every_experiment_smoke_runs(
     experiment, make_cfg, brca_fixture_dir, avmnist_fixture_dir, mmimdb_fixture_dir, mosei_fixture_dir
 ):
-    """One batch of train/val/test of each pinned experiment (BRCA, AV-MNIST, MM-IMDB and MOSEI ones on fixtures in
-    the real formats and shapes; DynMM rows that load their stage I from earlier runs start from fresh experts)."""
+    """One batch of train/val/test of each experiment of `smoke_experiments` (BRCA, AV-MNIST, MM-IMDB and MOSEI ones on
+    fixtures in the real formats and shapes; DynMM rows that load their stage I from earlier runs start from fresh
+    experts)."""
+    dataset = compose_cfg(
+        [f"experiment={experiment}"], return_hydra_config=True
+    ).hydra.runtime.choices.dataset
     extra = []
-    if "_brca_" in experiment:
+    if dataset == "brca":
         extra = [
             f"paths.data_dir={brca_fixture_dir}",
             "dataset.verify_checksums=false",
             "dataset.batch_size=32",
         ]
-    if "_avmnist" in experiment:
+    if dataset == "avmnist":
         extra = [
             f"paths.data_dir={avmnist_fixture_dir}",
             "dataset.num_train=60",
             "dataset.num_samples={train: 80, test: 20}",
         ]
-    if experiment.startswith(
-        "pro_t4_"
+    if dataset.startswith(
+        "stocks"
     ):  # the real snapshot, short windows and a 2-point noise grid (a 500-step transformer is slow)
         extra = [
             "dataset.window=8",
@@ -271,9 +296,9 @@ def test_every_experiment_smoke_runs(
             "dataset.start_date=2010-01-04",
             "dataset.end_date=2010-08-31",
         ]
-    if "_mmimdb" in experiment:
+    if dataset == "mmimdb":
         extra = [f"paths.data_dir={mmimdb_fixture_dir}", FIXTURE_SIZES]
-    if "_mosei" in experiment:
+    if dataset == "mosei":
         extra = [f"paths.data_dir={mosei_fixture_dir}", FIXTURE_SIZES]
     cfg = make_cfg(
         [

@@ -58,7 +58,7 @@ class TableSpec:
     title: str
     rows: list[dict[str, Any]]
     metrics: list[Metric] = field(default_factory=list)
-    kind: str = "metrics"  # or "convergence" (results/figures.py), "curve" (results/curves.py), "robustness"
+    kind: str = "metrics"  # or "convergence", "curve", "robustness" (tables/<kind>.py)
     steps: list[int] = field(default_factory=lambda: [1, 10, 20, 40, 100])
     trace: str = "solver_rel_residual"
     seeds: int = 5
@@ -78,7 +78,8 @@ class TableSpec:
     auc_digits: int = 3
     tradeoff: dict = field(
         default_factory=dict
-    )  # metrics tables: metric-vs-compute and share-vs-λ figure (results/tradeoff.py)
+    )  # metrics tables: metric-vs-compute and share-vs-λ figure (tables/tradeoff.py)
+    recipe: str = ""  # the rows' default recipe (fusionbench/experiments.py declares the rows as experiments)
 
     @classmethod
     def load(cls, path: str | Path) -> TableSpec:
@@ -89,6 +90,11 @@ class TableSpec:
                 f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}"
             )
         raw["metrics"] = [Metric(**m) for m in raw.get("metrics", [])]
+        for row in raw[
+            "rows"
+        ]:  # a baseline declared in place (recipe + overrides) is named by its experiment
+            if isinstance(row.get("baseline"), dict):
+                row["baseline"] = row["baseline"]["experiment"]
         kind = raw.get("kind", "metrics")
         if kind not in ("metrics", "convergence", "curve", "robustness"):
             raise ValueError(

@@ -1,7 +1,8 @@
 """Curve tables: a metric against a swept setting (Pro-Fusion Figures 4, 5, 7, 9), one line per row.
 
 A table with ``kind: curve`` has ``x: {label, values}`` and rows whose ``experiment`` is a pattern
-with ``{x}`` (each swept value is its own experiment name, e.g. ``pro_fig4_lattice_late_h{x}``).
+with ``{x}`` (each swept value is its own experiment name, e.g. ``pro_fig4_lattice_late_h{x}``), except
+the values of a row's ``reuse: {x: experiment}``, points whose configuration is another table's row.
 With ``improvement: true`` a row also names a ``baseline`` pattern and the cell is the per-seed
 relative improvement ``100 (baseline - run) / |baseline|`` (for a lower-is-better metric; set
 ``higher_is_better: true`` to flip the sign), paired by seed so that a trial's base and Pro-Fusion runs
@@ -24,6 +25,13 @@ import pandas as pd
 from fusionbench.tables.plotting import save_figure
 
 DASH = "—"
+
+
+def point_experiment(row: dict[str, Any], x: Any, pattern: str = "experiment") -> str:
+    """The experiment of a curve row at ``x``: its ``reuse`` entry, else its pattern with ``{x}`` filled."""
+    if pattern == "experiment" and x in (row.get("reuse") or {}):
+        return row["reuse"][x]
+    return row[pattern].format(x=x)
 
 
 def _values(runs: pd.DataFrame, experiment: str, key: str) -> dict[int, float]:
@@ -62,9 +70,9 @@ def curve_rows(spec, runs: pd.DataFrame) -> list[dict[str, Any]]:
             if spec.artifact:
                 vals = _artifact_values(runs, row["experiment"], spec.artifact, row["series"], x)
             else:
-                vals = _values(runs, row["experiment"].format(x=x), key)
+                vals = _values(runs, point_experiment(row, x), key)
             if spec.improvement:
-                base = _values(runs, row["baseline"].format(x=x), key)
+                base = _values(runs, point_experiment(row, x, "baseline"), key)
                 sign = -1.0 if spec.higher_is_better else 1.0
                 vals = {
                     s: sign * 100.0 * (base[s] - v) / abs(base[s])
@@ -142,7 +150,7 @@ def curve_csv(spec, rows: list[dict[str, Any]]) -> str:
             w.writerow(
                 [
                     r["label"],
-                    r["experiment"].format(x=p["x"]),
+                    r["experiment"] if spec.artifact else point_experiment(r, p["x"]),
                     p["x"],
                     p["n"],
                     spec.seeds,
