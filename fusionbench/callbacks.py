@@ -1,10 +1,11 @@
 """Callbacks every run uses whatever its method: `EpochCheckpoint`. Method-specific callbacks live in their
 method's package (`fusionbench.fusion.deq.callbacks`, `fusionbench.fusion.dynmm.callback`,
-`fusionbench.fusion.gradient_blend.callback`), sit in the default callback set and do nothing for other models.
+`fusionbench.fusion.gradient_blend.callback`), sit in the default callback set and do nothing for other
+models.
 
 The run record protocol: a callback with ``record(task=, datamodule=, tested=) -> dict`` adds those entries to
-``metrics.json`` after testing (``task`` then holds the tested weights); `fusionbench.train` calls it and knows
-no method by name."""
+``metrics.json`` after testing (``task`` then holds the tested weights); `fusionbench.train` calls it and
+knows no method by name."""
 
 from __future__ import annotations
 

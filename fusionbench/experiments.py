@@ -77,8 +77,8 @@ def _declared(entry: dict[str, Any], table: str, default_recipe: str | None, whe
     recipe = entry.get("recipe", default_recipe)
     if not recipe:
         raise ConfigError(
-            f"{where}: row {entry.get('experiment')!r} has overrides but no recipe; give it `recipe: <config of "
-            "configs/experiment/>` or the table a default `recipe:`."
+            f"{where}: row {entry.get('experiment')!r} has overrides but no recipe; give it `recipe: <config "
+            "of configs/experiment/>` or the table a default `recipe:`."
         )
     return Row(str(entry["experiment"]), str(recipe), tuple(_flatten(entry.get("overrides") or [])), table)
 
@@ -127,20 +127,23 @@ def table_rows(config_dir: Path = CONFIG_DIR) -> dict[str, Row]:
                         )
                     if r.name in recipes:
                         raise ConfigError(
-                            f"{where}: row {r.name!r} has the name of the file configs/experiment/{r.name}.yaml; "
-                            "rename the row or delete the file, so the name means one configuration."
+                            f"{where}: row {r.name!r} has the name of the file "
+                            f"configs/experiment/{r.name}.yaml; rename the row or delete the file, so the "
+                            "name means one configuration."
                         )
                     key = (r.recipe, tuple(sorted(r.overrides)))
                     if r.name in rows and (rows[r.name].recipe, tuple(sorted(rows[r.name].overrides))) != key:
                         raise ConfigError(
                             f"{where}: row {r.name!r} is declared again with a different recipe or overrides "
-                            f"(first in configs/tables/{rows[r.name].table}.yaml); give one of them another name."
+                            f"(first in configs/tables/{rows[r.name].table}.yaml); give one of them another "
+                            "name."
                         )
                     if key in by_definition and by_definition[key].name != r.name:
                         twin = by_definition[key]
                         raise ConfigError(
-                            f"{where}: rows {twin.name!r} (configs/tables/{twin.table}.yaml) and {r.name!r} are the "
-                            f"same configuration; name {twin.name!r} in both tables so they share its runs."
+                            f"{where}: rows {twin.name!r} (configs/tables/{twin.table}.yaml) and {r.name!r} "
+                            f"are the same configuration; name {twin.name!r} in both tables so they share "
+                            "its runs."
                         )
                     rows.setdefault(r.name, r)
                     by_definition.setdefault(key, r)
@@ -178,8 +181,8 @@ def row_node(row: Row, config_dir: Path = CONFIG_DIR, recipe: dict[str, Any] | N
     for o in overrides:
         if o.is_sweep_override() or o.is_delete() or o.package is not None:
             raise ConfigError(
-                f"configs/tables/{row.table}.yaml, row {row.name!r}: {o.input_line!r} is not a plain `key=value` "
-                "override; a row is one configuration (sweeps belong to the table's command)."
+                f"configs/tables/{row.table}.yaml, row {row.name!r}: {o.input_line!r} is not a plain "
+                "`key=value` override; a row is one configuration (sweeps belong to the table's command)."
             )
     is_group = [isinstance(o.value(), str) and (config_dir / o.key_or_group).is_dir() for o in overrides]
     # group choices first, so that a choice never drops a value the row sets

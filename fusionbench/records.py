@@ -43,9 +43,10 @@ class RunRecord:
 def write_json(
     path: str | Path, data: Any, indent: int = 2, sort_keys: bool = True, allow_nan: bool = True
 ) -> None:
-    """The one way fusionbench writes a JSON artefact: to a temporary file, then renamed over ``path``, so a reader
-    (or a run resumed after a kill) sees the old file or the whole new one, never half of it. Run records allow
-    NaN (a diverged metric is still a result); artefacts that tables plot pass ``allow_nan=False``."""
+    """The one way fusionbench writes a JSON artefact: to a temporary file, then renamed over ``path``, so a
+    reader (or a run resumed after a kill) sees the old file or the whole new one, never half of it. Run
+    records allow NaN (a diverged metric is still a result); artefacts that tables plot pass
+    ``allow_nan=False``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

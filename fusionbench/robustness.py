@@ -10,7 +10,7 @@ images and features), applied per sample in the order listed:
 | ``white`` | ``x + p * eps``, eps ~ N(0, 1) (MultiBench ``white_noise``; p is an absolute std) |
 | ``gaussian`` | ``x + p * s_m * eps`` with ``s_m`` the std of modality m on the clean test split |
 | ``feature_drop`` | every value set to 0 with probability p (MultiBench ``random_drop``) |
-| ``timestep_drop`` | every time step (axis 0 of a sample, all its features) set to 0 with probability p (MultiBench ``structured_drop``) |
+| ``timestep_drop`` | each time step (axis 0, all features) zeroed with probability p (``structured_drop``) |
 
 Noise is drawn from a generator seeded by ``(grid seed, level index, scope, sample index)``, so a
 curve does not depend on the batch size or the model, and two models of a table see the same
@@ -90,8 +90,9 @@ class Corruption:
                 elif noise == "timestep_drop":
                     if x.dim() < 2:
                         raise ConfigError(
-                            f"Noise 'timestep_drop' needs sequences (a sample of shape (time, features)); modality "
-                            f"'{m}' has samples of shape {tuple(x.shape)}. Use `gaussian`, `white` or `feature_drop` for it."
+                            "Noise 'timestep_drop' needs sequences (a sample of shape (time, features)); "
+                            f"modality '{m}' has samples of shape {tuple(x.shape)}. Use `gaussian`, `white` "
+                            "or `feature_drop` for it."
                         )
                     x = timestep_drop(x, self.level, g)
             out[m] = x
@@ -130,7 +131,8 @@ def check_grid(grid: Mapping[str, Any], modalities: Sequence[str]) -> dict[str, 
     unknown = [s for s in scopes if s not in SCOPES and s not in modalities]
     if unknown:
         raise ConfigError(
-            f"robustness.scopes {unknown} unknown: use 'all', 'each' or modality names of this dataset {list(modalities)}."
+            f"robustness.scopes {unknown} unknown: use 'all', 'each' or modality names of this dataset "
+            f"{list(modalities)}."
         )
     return {
         "levels": levels,
@@ -223,7 +225,8 @@ def scale_unit(values: Mapping[str, float]) -> dict[str, float]:
 
 
 def run_grid(task: Any, dm: Any, grid: Mapping[str, Any]) -> dict[str, Any]:
-    """Evaluate ``task.model`` on the test split under every point of ``grid``: the record's ``robustness``."""
+    """Evaluate ``task.model`` on the test split under every point of ``grid``: the record's
+    ``robustness``."""
     spec = check_grid(grid, dm.modalities)
     model = task.model
     was_training = model.training

@@ -1,5 +1,5 @@
-"""A finished run, reloaded: its composed config, the checkpoint it was tested with, and the model built from both.
-Every script that looks at a trained model goes through `load_run`, and DynMM's stage-I loading through
+"""A finished run, reloaded: its composed config, the checkpoint it was tested with, and the model built from
+both. Every script that looks at a trained model goes through `load_run`, and DynMM's stage-I loading through
 `checkpoint_state`, so a run folder is read one way everywhere."""
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ CONFIG = Path(".hydra") / "config.yaml"
 
 
 def run_config(run: str | Path) -> DictConfig:
-    """The run's composed config (``.hydra/config.yaml``), with ``paths.output_dir`` pointing at the folder."""
+    """The run's composed config (``.hydra/config.yaml``), with ``paths.output_dir`` pointing at the
+    folder."""
     run = Path(run)
     if not (run / CONFIG).is_file():
         raise ConfigError(
-            f"{run} is not a run folder (no {CONFIG}); pass results/runs/<experiment>/seed=<n> or a run's output folder."
+            f"{run} is not a run folder (no {CONFIG}); pass results/runs/<experiment>/seed=<n> or a run's "
+            "output folder."
         )
     cfg = OmegaConf.load(run / CONFIG)
     with open_dict(cfg):
@@ -32,7 +34,8 @@ def run_config(run: str | Path) -> DictConfig:
 
 def selected_checkpoint(run: str | Path) -> Path:
     """The checkpoint the run was tested with: the one its record names, else the single ``epoch*.ckpt`` that
-    ``save_top_k=1`` leaves. ``last.ckpt`` is never chosen silently: it is the latest epoch, not the selected one."""
+    ``save_top_k=1`` leaves. ``last.ckpt`` is never chosen silently: it is the latest epoch, not the selected
+    one."""
     folder = Path(run) / "checkpoints"
     record = Path(run) / "metrics.json"
     if record.is_file():
@@ -42,8 +45,9 @@ def selected_checkpoint(run: str | Path) -> Path:
     found = sorted(folder.glob("epoch*.ckpt"))
     if len(found) != 1:
         raise ConfigError(
-            f"{folder} holds {[p.name for p in found] or 'no epoch*.ckpt'}; expected the one selected checkpoint. Checkpoints are "
-            "not committed with run records: rerun the experiment to get them, or pass the checkpoint itself."
+            f"{folder} holds {[p.name for p in found] or 'no epoch*.ckpt'}; expected the one selected "
+            "checkpoint. Checkpoints are not committed with run records: rerun the experiment to get them, "
+            "or pass the checkpoint itself."
         )
     return found[0]
 
@@ -77,8 +81,9 @@ def checkpoint_state(
 def load_run(
     run: str | Path, overrides: Mapping[str, Any] | None = None, checkpoint: str | Path | None = None
 ):
-    """``(cfg, datamodule, task)`` of a finished run with the weights of its selected checkpoint (or ``checkpoint``).
-    ``overrides`` are dotted keys set on the config before building (e.g. ``{"fusion.stage1_ckpt": None}``)."""
+    """``(cfg, datamodule, task)`` of a finished run with the weights of its selected checkpoint (or
+    ``checkpoint``). ``overrides`` are dotted keys set on the config before building
+    (e.g. ``{"fusion.stage1_ckpt": None}``)."""
     from fusionbench.train import build  # train imports the whole stack; keep this module light
 
     cfg = run_config(run)

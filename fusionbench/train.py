@@ -37,14 +37,15 @@ OmegaConf.register_new_resolver(
 )  # widths derived from a swept one
 # like oc.env, but an empty variable also falls back to the default (WANDB_MODE= means "not set")
 OmegaConf.register_new_resolver("fb.env", lambda name, default: os.environ.get(name) or default, replace=True)
-# the results tables' rows become `experiment=<row>` options; importing this module is enough (notebooks, launcher jobs)
+# the results tables' rows become `experiment=<row>` options;
+# importing this module is enough (notebooks, launcher jobs)
 experiments.register()
 
 
 def build_encoders(backbone: DictConfig, dm: FusionDataModule) -> nn.ModuleDict:
-    """One encoder per dataset modality: ``backbone.<modality>``, else ``backbone._default_`` (one encoder config
-    for every modality, e.g. one LSTM per stock whatever the sector's tickers). ``input_dim`` comes from the data,
-    never from YAML."""
+    """One encoder per dataset modality: ``backbone.<modality>``, else ``backbone._default_`` (one encoder
+    config for every modality, e.g. one LSTM per stock whatever the sector's tickers). ``input_dim`` comes
+    from the data, never from YAML."""
     default = backbone.get("_default_")
     missing = [m for m in dm.modalities if m not in backbone and default is None]
     if missing:
@@ -61,8 +62,8 @@ def build_encoders(backbone: DictConfig, dm: FusionDataModule) -> nn.ModuleDict:
             given = node.get("input_dim")
             if given is not None and int(given) != dm.input_dims[m]:
                 raise ConfigError(
-                    f"backbone.{m}.input_dim={given} but dataset '{dm.name}' has {dm.input_dims[m]} features for "
-                    f"'{m}'. Remove `input_dim` from the backbone config (it is taken from the data)."
+                    f"backbone.{m}.input_dim={given} but dataset '{dm.name}' has {dm.input_dims[m]} features "
+                    f"for '{m}'. Remove `input_dim` from the backbone config (it is taken from the data)."
                 )
             encoders[m] = instantiate(node, input_dim=dm.input_dims[m], _convert_="all")
         else:
@@ -86,7 +87,8 @@ def resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
         path = Path(cfg.ckpt_path)
         if not path.is_file():
             raise ConfigError(
-                f"ckpt_path={cfg.ckpt_path} does not exist. Give the path of a `.ckpt` file from a run's checkpoints/ folder."
+                f"ckpt_path={cfg.ckpt_path} does not exist. Give the path of a `.ckpt` file from a run's "
+                "checkpoints/ folder."
             )
         return str(path)
     last = output_dir / "checkpoints" / "last.ckpt"

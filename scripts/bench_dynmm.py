@@ -55,11 +55,12 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         "",
         f"`python scripts/bench_dynmm.py {' '.join(str(r['run']) for r in rows)} --samples {args.samples} "
         f"--batch {' '.join(str(b) for b in args.batch)} --threads {args.threads} --repeats {args.repeats}` "
-        f"(torch {torch.__version__}, {args.threads} CPU thread(s){args.note}). Milliseconds per sample: the time of a pass "
-        "over the samples in batches of the given size / samples, median of the repeats after a warm-up "
-        "(`fusionbench.fusion.dynmm.timing`). routed = DynMM's inference (gate, then each sample's selected expert only); "
-        "every expert = gate + all experts on every sample; the expert and gate columns run alone. Shares: fraction "
-        "of these samples routed to each expert (soft gating: the mean gate weights; its routed pass runs every expert).",
+        f"(torch {torch.__version__}, {args.threads} CPU thread(s){args.note}). Milliseconds per sample: the "
+        "time of a pass over the samples in batches of the given size / samples, median of the repeats "
+        "after a warm-up (`fusionbench.fusion.dynmm.timing`). routed = DynMM's inference (gate, then each "
+        "sample's selected expert only); every expert = gate + all experts on every sample; the expert and "
+        "gate columns run alone. Shares: fraction of these samples routed to each expert (soft gating: the "
+        "mean gate weights; its routed pass runs every expert).",
         "",
         "| " + " | ".join(head) + " |",
         "| " + " | ".join(["---"] + ["---:"] * (len(head) - 1)) + " |",
@@ -80,8 +81,8 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     worst = max(r["max_abs_diff"] for r in rows)
     lines += [
         "",
-        f"Outputs equal the selected expert's outputs (soft gating: the gate-weighted mixture of every expert's outputs) "
-        f"on the same samples, max |difference| {worst:.1e}.",
+        "Outputs equal the selected expert's outputs (soft gating: the gate-weighted mixture of every "
+        f"expert's outputs) on the same samples, max |difference| {worst:.1e}.",
     ]
     return "\n".join(lines) + "\n"
 

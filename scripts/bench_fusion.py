@@ -11,11 +11,11 @@ only: encoders are excluded, since they are the same for every method). Methods:
 backward solve), ``deq_fixed`` (exactly ``--f-max-iter`` forward and ``--f-max-iter + 1`` backward Anderson
 steps with no host synchronisation inside the loops, implicit gradient), ``deq_graph`` (the same solves
 replayed from CUDA graphs; CUDA only), ``deq_phantom`` (fixed forward iterations, phantom gradient),
-``deq_phantom_graph`` (its forward solve from a CUDA graph; CUDA only) and ``unrolled`` (``--depth`` weight-tied layers, backprop through all).
-It prints milliseconds per step (median over ``--steps`` after ``--warmup``), the ratio to late fusion,
-peak memory (CUDA: the allocator's peak; CPU: not measured), the solver's mean forward steps, the final
-relative residual and the share of backward solves that passed their check; ``--out`` also writes the
-table as markdown.
+``deq_phantom_graph`` (its forward solve from a CUDA graph; CUDA only) and ``unrolled`` (``--depth``
+weight-tied layers, backprop through all). It prints milliseconds per step (median over ``--steps`` after
+``--warmup``), the ratio to late fusion, peak memory (CUDA: the allocator's peak; CPU: not measured), the
+solver's mean forward steps, the final relative residual and the share of backward solves that passed their
+check; ``--out`` also writes the table as markdown.
 """
 
 from __future__ import annotations
@@ -122,17 +122,21 @@ def main() -> None:
     args = p.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(
-            f"--device {args.device}: no CUDA device is visible here; run on a GPU machine or use --device cpu."
+            f"--device {args.device}: no CUDA device is visible here; run on a GPU machine "
+            "or use --device cpu."
         )
     logging.getLogger("fusionbench").setLevel(logging.ERROR)
     head = (
-        f"device={args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}), f_max_iter={args.f_max_iter}, "
-        f"depth={args.depth}, jac_weight={args.jac_weight}, threads={torch.get_num_threads()}, torch {torch.__version__}"
+        f"device={args.device} "
+        f"({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}), "
+        f"f_max_iter={args.f_max_iter}, depth={args.depth}, jac_weight={args.jac_weight}, "
+        f"threads={torch.get_num_threads()}, torch {torch.__version__}"
     )
     cols = ["shape", "method", "ms/step", "x late", "peak MiB", "fwd steps", "rel residual", "bwd converged"]
     print(head)
     print(
-        f"{cols[0]:8} {cols[1]:12} {cols[2]:>9} {cols[3]:>7} {cols[4]:>9} {cols[5]:>9} {cols[6]:>12} {cols[7]:>13}"
+        f"{cols[0]:8} {cols[1]:12} {cols[2]:>9} {cols[3]:>7} {cols[4]:>9} {cols[5]:>9} {cols[6]:>12} "
+        f"{cols[7]:>13}"
     )
     rows = []
     for shape in args.shapes:
@@ -162,7 +166,8 @@ def main() -> None:
             ]
             rows.append(row)
             print(
-                f"{row[0]:8} {row[1]:12} {row[2]:>9} {row[3]:>7} {row[4]:>9} {row[5]:>9} {row[6]:>12} {row[7]:>13}"
+                f"{row[0]:8} {row[1]:12} {row[2]:>9} {row[3]:>7} {row[4]:>9} {row[5]:>9} {row[6]:>12} "
+                f"{row[7]:>13}"
             )
     if args.out:
         lines = [

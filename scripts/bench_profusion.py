@@ -86,7 +86,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="also write the table (markdown) here")
     args = p.parse_args()
     lines = [
-        f"device={args.device} batch={args.batch} threads={torch.get_num_threads()} steps={args.steps} (median)",
+        f"device={args.device} batch={args.batch} threads={torch.get_num_threads()} steps={args.steps} "
+        "(median)",
         "",
         "| base | R | train ms/step | x base | inference ms/batch | x base |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",

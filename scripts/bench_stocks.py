@@ -2,10 +2,11 @@
 its experiment config on the real stock snapshot (batch 16, 500 returns per stock), and the estimated
 time of a run (steps per epoch x epochs; validation, test and the noise grid not included).
 
-    python scripts/bench_stocks.py                                   # F&B, every model, base and Pro-Fusion
-    python scripts/bench_stocks.py --variants base                   # base models only (Pro-Fusion R = 2 about doubles the
-                                                                     # activation memory: LF-Transformer needs > 20 GB on CPU)
-    python scripts/bench_stocks.py --sector tech --models eflstm lflstm --device cuda --out results/pro_t4_timing.md
+    python scripts/bench_stocks.py                  # F&B, every model, base and Pro-Fusion
+    python scripts/bench_stocks.py --variants base  # base models only (Pro-Fusion R = 2 about doubles the
+                                                    # activation memory: LF-Transformer needs > 20 GB on CPU)
+    python scripts/bench_stocks.py --sector tech --models eflstm lflstm --device cuda \
+        --out results/pro_t4_timing.md
 
 Train step = forward + backward + the experiment's optimiser update; inference = forward in eval mode
 without gradients; medians over ``--steps`` after ``--warmup`` on real training batches.
@@ -96,15 +97,16 @@ def main() -> None:
     lines = [
         (
             f"Table 4 models on {args.sector} ({args.device}, {threads} thread(s), batch 16, 500 steps; "
-            f"`python scripts/bench_stocks.py --sector {args.sector} --models {' '.join(args.models)} --variants "
-            f"{' '.join(args.variants)} --steps {args.steps} --warmup {args.warmup}`)"
+            f"`python scripts/bench_stocks.py --sector {args.sector} --models {' '.join(args.models)} "
+            f"--variants {' '.join(args.variants)} --steps {args.steps} --warmup {args.warmup}`)"
         ),
         "",
         "| experiment | params | train step (s) | inference batch (s) | epochs | est. training (min) |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     lines += [
-        f"| {r['experiment']} | {r['params']:,} | {r['train_s']:.3f} | {r['infer_s']:.3f} | {r['epochs']} | {r['est_min']:.1f} |"
+        f"| {r['experiment']} | {r['params']:,} | {r['train_s']:.3f} | {r['infer_s']:.3f} | {r['epochs']} | "
+        f"{r['est_min']:.1f} |"
         for r in rows
     ]
     text = "\n".join(lines) + "\n"

@@ -1,6 +1,7 @@
-"""Regenerate every table under configs/tables/ from the run records on disk, and the block of results/README.md.
+"""Regenerate every table under configs/tables/ from the run records on disk, and the block of
+results/README.md.
 
-python scripts/make_tables.py            # all tables -> results/<name>.{md,csv,tex}, results/README.md updated
+python scripts/make_tables.py  # all tables -> results/<name>.{md,csv,tex}, results/README.md updated
 python scripts/make_tables.py --only baselines_rosmap --no-readme
 """
 

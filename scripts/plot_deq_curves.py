@@ -1,6 +1,7 @@
 """Training curves of DEQ fusion runs side by side (loss, forward residual, solver steps, backward check).
 
-    python scripts/plot_deq_curves.py before_seed1=/tmp/before/csv/metrics.csv after_seed1=logs/runs/X/csv/metrics.csv \
+    python scripts/plot_deq_curves.py before_seed1=/tmp/before/csv/metrics.csv \
+        after_seed1=logs/runs/X/csv/metrics.csv \
         --out results/deq_training_curves.png --keep results/deq_curves
 
 Each argument is LABEL=PATH to a Lightning CSV log (``logger=csv``) or to a compact CSV written earlier by
@@ -59,7 +60,8 @@ def main() -> None:
             p.error(f"{item!r} is not LABEL=PATH (e.g. after_seed1=logs/runs/X/csv/metrics.csv)")
         if not Path(path).is_file():
             p.error(
-                f"{path} does not exist: give a Lightning CSV log (a run with logger=csv) or a compact CSV from --keep"
+                f"{path} does not exist: give a Lightning CSV log (a run with logger=csv) or a compact CSV "
+                "from --keep"
             )
         curves[label] = per_epoch(Path(path))
         if args.keep:

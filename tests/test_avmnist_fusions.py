@@ -72,7 +72,8 @@ def total_loss(model: nn.Module, out) -> torch.Tensor:
     return loss
 
 
-# name -> (base_args for configs/fusion/<name>.yaml, parameters that get no gradient); backbone: LeNet but for MBT
+# name -> (base_args for configs/fusion/<name>.yaml, parameters that get no gradient);
+# backbone: LeNet but for MBT
 BASES = {
     "refnet": ({"input_shapes": SHAPES}, set()),
     "mfm": ({"input_shapes": SHAPES}, set()),

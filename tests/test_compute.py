@@ -163,7 +163,8 @@ def test_run_record_stores_compute_and_bigger_models_count_more(tmp_path):
             records[fusion] = json.load(f)["compute"]
         assert records[fusion] == result["compute"] == model_compute(objs["task"].model, objs["datamodule"])
         assert records[fusion]["madds"] > 0
-    # tensor fusion's head reads the outer product of all embeddings (each padded with a 1): far wider than concat's
+    # tensor fusion's head reads the outer product of all embeddings (each padded with a 1):
+    # far wider than concat's
     assert records["tensor"]["madds"] > records["concat"]["madds"]
     assert records["tensor"]["by_module"]["head"] > records["concat"]["by_module"]["head"]
     fused_dim = objs["task"].model.fused_dim  # tensor: Linear(fused_dim, 32) -> ReLU -> Linear(32, 3)

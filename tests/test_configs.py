@@ -1,4 +1,5 @@
-"""Every config group option composes and instantiates; the CLI explains bad input (experiments: test_experiments.py)."""
+"""Every config group option composes and instantiates; the CLI explains bad input (experiments:
+test_experiments.py)."""
 
 from __future__ import annotations
 

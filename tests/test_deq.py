@@ -462,7 +462,8 @@ def test_mmdynamics_losses_and_fusions():
             )
             view[m] = view[m] + torch.nn.functional.cross_entropy(logits, y)
         assert torch.allclose(terms, view["meth"] + view["mrna"])
-        # the public DEQ code's recursion r = 1.5: 1.5^2 CE + 1.5 (meth terms) + (mrna terms), CE added by the task
+        # the public DEQ code's recursion r = 1.5: 1.5^2 CE + 1.5 (meth terms) + (mrna terms),
+        # CE added by the task
         model.view_loss_recursion = 1.5
         ce = torch.nn.functional.cross_entropy(out.logits, y)
         assert torch.allclose(model.target_loss(out, y) + ce, 2.25 * ce + 1.5 * view["meth"] + view["mrna"])

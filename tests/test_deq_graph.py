@@ -1,10 +1,11 @@
 """The CUDA-graph fast path of DEQ fusion gives the eager fixed-iteration path's fixed points, gradients and
 solver statistics (needs a CUDA device; `scripts/gpu_check_deq.sh` runs these on one).
 
-Both paths launch the same kernels in the same order, but cuBLAS may pick other algorithms inside a capture, so
-float32 results differ by rounding; Anderson's float32 mixing solve and the backward solve's pass/fail check
-amplify that on a layer that is not a contraction (a sample passing its check on one path and falling back to the
-phantom gradient on the other). Hence float64 for the exact comparison, and a contractive layer in float32.
+Both paths launch the same kernels in the same order, but cuBLAS may pick other algorithms inside a capture,
+so float32 results differ by rounding; Anderson's float32 mixing solve and the backward solve's pass/fail
+check amplify that on a layer that is not a contraction (a sample passing its check on one path and falling
+back to the phantom gradient on the other). Hence float64 for the exact comparison, and a contractive layer in
+float32.
 """
 
 from __future__ import annotations

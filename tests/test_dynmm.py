@@ -160,9 +160,10 @@ def test_aux_loss_is_lambda_times_the_expected_cost_of_the_decisions(cost):
 
 @pytest.mark.parametrize(("lam", "expected"), [(0.0, "late"), (5.0, "uni")])
 def test_training_the_gate_trades_the_task_loss_against_the_cost(lam, expected):
-    """Targets are the late expert's own predictions (it is always right, the one-view expert often wrong) and the
-    one-view expert costs a tenth: without the resource loss the gate learns to send every sample to late fusion,
-    with a large λ to the cheap expert (experts fixed, the gate alone trained, deterministic softmax decisions)."""
+    """Targets are the late expert's own predictions (it is always right, the one-view expert often wrong) and
+    the one-view expert costs a tenth: without the resource loss the gate learns to send every sample to late
+    fusion, with a large λ to the cheap expert (experts fixed, the gate alone trained, deterministic softmax
+    decisions)."""
     m = model(cost={"uni": 0.1, "late": 1.0}, resource_weight=lam, gating="softmax").train()
     x = batch(64)
     with torch.no_grad():
@@ -292,7 +293,10 @@ def test_config_errors_are_explained():
 def test_missing_or_foreign_stage1_checkpoint_is_explained(tmp_path):
     with pytest.raises(
         ConfigError,
-        match=r"stage1_ckpt=/nonexistent/last.ckpt does not exist. Pass the .ckpt of an earlier fusion=dynmm run",
+        match=(
+            r"stage1_ckpt=/nonexistent/last.ckpt does not exist. Pass the .ckpt of an earlier "
+            r"fusion=dynmm run"
+        ),
     ):
         model(stage1_ckpt="/nonexistent/last.ckpt")
     foreign = tmp_path / "concat.ckpt"
@@ -327,7 +331,8 @@ def test_gates_for_sequences_and_images():
 
 
 def test_conv_gate_pools_images_of_different_sizes():
-    """AV-MNIST: a 28 x 28 digit and a 112 x 112 spectrogram; size=28 averages the spectrogram over 4 x 4 blocks."""
+    """AV-MNIST: a 28 x 28 digit and a 112 x 112 spectrogram; size=28 averages the spectrogram over 4 x 4
+    blocks."""
     x = {"image": torch.randn(3, 1, 28, 28), "audio": torch.randn(3, 1, 112, 112)}
     with pytest.raises(ConfigError, match=r"of one size H x W.*set fusion.gate_args.size"):
         ConvGate(2, ["image", "audio"])(x)

@@ -295,8 +295,9 @@ def test_callback_names_and_is_a_no_op_for_other_fusions():
 
 
 def test_config_nodes_with_targets_reach_dynmm_unbuilt(tmp_path):
-    """Through Hydra (configs/fusion/dynmm.yaml has _recursive_: false): an expert or gate given as a node with
-    _target_ is built by DynMM with the expert's encoders and the gate's width check, not by Hydra beforehand."""
+    """Through Hydra (configs/fusion/dynmm.yaml has _recursive_: false): an expert or gate given as a node
+    with _target_ is built by DynMM with the expert's encoders and the gate's width check, not by Hydra
+    beforehand."""
     base = ["experiment=dynmm_rosmap", "dataset.batch_size=16"]
     node = "fusion.experts.uni.fusion={_target_: fusionbench.fusion.ConcatFusion, head_hidden: [8]}"
     gate = "fusion.gate={_target_: fusionbench.fusion.dynmm.MLPGate, num_outputs: 3, hidden: [16]}"

@@ -51,7 +51,8 @@ def test_regression_metrics():
     m = compute("regression", 1, pred, target)
     assert m["mse"] == pytest.approx(0.75)
     assert m["mae"] == pytest.approx(0.75)
-    # Pearson: x-mean = [-1.5,-.5,.5,1.5], y-mean = [-1.75,.25,-.75,2.25]; cross sum 5.5, |x| sqrt(5), |y| sqrt(8.75)
+    # Pearson: x-mean = [-1.5,-.5,.5,1.5], y-mean = [-1.75,.25,-.75,2.25];
+    # cross sum 5.5, |x| sqrt(5), |y| sqrt(8.75)
     assert m["pearson"] == pytest.approx(5.5 / math.sqrt(5 * 8.75), abs=1e-6)
 
 
@@ -73,7 +74,8 @@ def test_sign_accuracy_by_hand():
     has0, non0 = SignAccuracy("has0"), SignAccuracy("non0")
     has0.update(preds, truth)
     non0.update(preds, truth)
-    # has0: (>=0) agree for 0.5/1 and 1.0/0 only -> 2/4; non0: targets 1 and -1 kept, 0.5>0 ok, 0.0>0 false = (-1>0) false ok
+    # has0: (>=0) agree for 0.5/1 and 1.0/0 only -> 2/4;
+    # non0: targets 1 and -1 kept, 0.5>0 ok, 0.0>0 false = (-1>0) false ok
     assert has0.compute().item() == 0.5 and non0.compute().item() == 1.0
 
 

@@ -169,7 +169,10 @@ def test_mmimdb_nonfinite_features_stop_or_become_zero(imdb_dir):
         f["features"][28, 0] = np.inf
     with pytest.raises(
         DatasetError,
-        match=r"'features' \(text\) has 2 NaN/inf value\(s\) in 2 row\(s\), first rows \[3, 28\].*nonfinite=zero",
+        match=(
+            r"'features' \(text\) has 2 NaN/inf value\(s\) in 2 row\(s\), "
+            r"first rows \[3, 28\].*nonfinite=zero"
+        ),
     ):
         imdb_module(imdb_dir)
     dm = imdb_module(imdb_dir, nonfinite="zero")

@@ -62,8 +62,8 @@ def test_shapes_and_widths():
 
 def test_parameter_count_equals_multibench_mult_on_fnb():
     """MultiBench's MULTModel(3, [4, 4, 5]) with its defaults: crossmodal encoder (d = 9) = 3 layers of
-    (attention 4*9*9+4*9, fc 9*36+36+36*9+9, 2 LayerNorms 4*9) + final LayerNorm 2*9; memory the same at d = 27;
-    projections 13*9; residual block 2*(81*81+81); output layer 81+1."""
+    (attention 4*9*9+4*9, fc 9*36+36+36*9+9, 2 LayerNorms 4*9) + final LayerNorm 2*9; memory the same at
+    d = 27; projections 13*9; residual block 2*(81*81+81); output layer 81+1."""
 
     def encoder(d: int) -> int:
         return 3 * ((4 * d * d + 4 * d) + (d * 4 * d + 4 * d + 4 * d * d + d) + 4 * d) + 2 * d
@@ -106,7 +106,8 @@ def test_group_projection_is_bias_free_and_feeds_the_fusion():
 
 
 def test_positions_are_mults_table_from_position_one():
-    """fairseq/MulT: [sin(t w_k) | cos(t w_k) | 0], w_k = 10000^(-k/(half-1)), t = 1..T (0 is its padding row)."""
+    """fairseq/MulT: [sin(t w_k) | cos(t w_k) | 0], w_k = 10000^(-k/(half-1)), t = 1..T (0 is its padding
+    row)."""
     table = sinusoidal_positions(T, 9, torch.device("cpu"), torch.float32)
     t = torch.arange(1, T + 1, dtype=torch.float32)
     assert table.shape == (T, 9)
@@ -118,7 +119,8 @@ def test_positions_are_mults_table_from_position_one():
 
 
 def test_crossmodal_block_by_hand():
-    """softmax(Q_i K_j^T / sqrt(d_head) + causal mask) V_j per head, pre-LayerNorm, residual, ReLU feed-forward."""
+    """softmax(Q_i K_j^T / sqrt(d_head) + causal mask) V_j per head, pre-LayerNorm, residual, ReLU
+    feed-forward."""
     torch.manual_seed(0)
     d, h, dh = 6, 2, 3
     layer = CrossmodalLayer(d, h, attn_dropout=0.0, relu_dropout=0.0, res_dropout=0.0, ff_mult=4).eval()
@@ -154,7 +156,8 @@ def test_crossmodal_output_depends_on_the_source_group_causally():
     moved = cm(emb["g0"], later)
     assert torch.allclose(moved[:, :-1], out[:, :-1], atol=1e-6)  # causal: earlier steps cannot see it
     assert not torch.allclose(moved[:, -1], out[:, -1])
-    # whole model: changing one stock of group g2 only (s04) changes the prediction; nothing changed: identical
+    # whole model: changing one stock of group g2 only (s04) changes the prediction;
+    # nothing changed: identical
     assert m.members["g2"] == ["s03", "s04"]
     y = dict(x, s04=x["s04"] + 1.0)
     with torch.no_grad():

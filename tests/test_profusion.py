@@ -263,7 +263,8 @@ def test_curve_table_pairs_seeds_for_improvement(tmp_path):
 def test_artifact_curve_reads_probe_files(tmp_path):
     (tmp_path / "tables").mkdir()
     (tmp_path / "tables" / "p.yaml").write_text(
-        "name: p\nkind: curve\nartifact: linear_probe.json\ntitle: P\nseeds: 2\nx: {label: step, values: [1, 2]}\n"
+        "name: p\nkind: curve\nartifact: linear_probe.json\ntitle: P\nseeds: 2\n"
+        "x: {label: step, values: [1, 2]}\n"
         "metrics: [{key: probe/acc, label: acc, scale: 100, digits: 1}]\n"
         "rows: [{label: image, experiment: run, series: image}]\n"
     )

@@ -214,7 +214,8 @@ def test_stocks_backbones_are_per_ticker_sequence_encoders():
         ["fusion=early_sequence", "dataset.tickers=[MCD,SBUX,HSY,HRL]"],
         ["fusion=early_sequence_transformer", "dataset.tickers=[MCD,SBUX,HSY,HRL]"],
         ["fusion=profusion", "fusion.base=early_sequence", "dataset.tickers=[MCD,SBUX,HSY,HRL]"],
-        pytest.param(  # 90 s on 2 cores; the fast suite runs a transformer Pro-Fusion row (pro_t4_*_lftransf_pro)
+        # 90 s on 2 cores; the fast suite runs a transformer Pro-Fusion row (pro_t4_*_lftransf_pro)
+        pytest.param(
             [
                 "fusion=profusion",
                 "fusion.base=concat",

@@ -245,7 +245,8 @@ def test_batches_follow_the_contract_and_describe_is_json(prices):
 
 def test_quantize_function_by_hand():
     x = torch.tensor([[0.0, 0.3], [1.0, 0.51]])
-    # 25 steps of 0.04 between min 0 and max 1: 0.3 -> 7.5 -> 8 (round half to even) -> 0.32; 0.51 -> 12.75 -> 13 -> 0.52
+    # 25 steps of 0.04 between min 0 and max 1: 0.3 -> 7.5 -> 8 (round half to even) -> 0.32;
+    # 0.51 -> 12.75 -> 13 -> 0.52
     torch.testing.assert_close(quantize(x), torch.tensor([[0.0, 0.32], [1.0, 0.52]]))
     torch.testing.assert_close(
         quantize(torch.tensor([-2.0, -1.0, 2.0]), levels=4), torch.tensor([-2.0, -1.0, 2.0])

@@ -236,8 +236,8 @@ def mosei_fixture_dir(tmp_path_factory):
 
 def smoke_experiments() -> list[str]:
     """One experiment per distinct code path: every recipe file and every table row, except that the rows of a
-    recipe that choose the same configs and switches (strings and booleans) and differ only in numbers, lists or
-    mappings (a λ sweep, the views of a DEQ row, the points of a curve) share one smoke run.
+    recipe that choose the same configs and switches (strings and booleans) and differ only in numbers, lists
+    or mappings (a λ sweep, the views of a DEQ row, the points of a curve) share one smoke run.
     test_experiments.py composes every one of them."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -265,9 +265,9 @@ FIXTURE_SIZES = "dataset.num_samples={train: 24, val: 8, test: 8}"
 def test_every_experiment_smoke_runs(
     experiment, make_cfg, brca_fixture_dir, avmnist_fixture_dir, mmimdb_fixture_dir, mosei_fixture_dir
 ):
-    """One batch of train/val/test of each experiment of `smoke_experiments` (BRCA, AV-MNIST, MM-IMDB and MOSEI ones on
-    fixtures in the real formats and shapes; DynMM rows that load their stage I from earlier runs start from fresh
-    experts)."""
+    """One batch of train/val/test of each experiment of `smoke_experiments` (BRCA, AV-MNIST, MM-IMDB and
+    MOSEI ones on fixtures in the real formats and shapes; DynMM rows that load their stage I from earlier
+    runs start from fresh experts)."""
     dataset = compose_cfg(
         [f"experiment={experiment}"], return_hydra_config=True
     ).hydra.runtime.choices.dataset
@@ -328,8 +328,9 @@ def test_every_experiment_smoke_runs(
 
 
 def test_dynmm_row_starts_from_the_expert_rows_checkpoints(make_cfg, mmimdb_fixture_dir, tmp_path):
-    """DynMM Table 1 as a user runs it: the two expert rows, then DynMM-b, whose stage I is those runs' selected
-    checkpoints (found by pattern under results/runs); its experts start with exactly the static experts' weights."""
+    """DynMM Table 1 as a user runs it: the two expert rows, then DynMM-b, whose stage I is those runs'
+    selected checkpoints (found by pattern under results/runs); its experts start with exactly the static
+    experts' weights."""
     import torch
 
     from fusionbench.fusion import DynMMFusion

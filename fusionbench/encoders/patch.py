@@ -46,8 +46,8 @@ class PatchEncoder(ContextEncoder):
             x = x.unsqueeze(1)
         if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
             raise ConfigError(
-                f"PatchEncoder was built for {self.image_size}x{self.image_size} inputs but got {tuple(x.shape[-2:])}; "
-                "set image_size in the backbone config."
+                f"PatchEncoder was built for {self.image_size}x{self.image_size} inputs but got "
+                f"{tuple(x.shape[-2:])}; set image_size in the backbone config."
             )
         h = self.join(0, self.embed(x), context)  # (B, dim, H/p, W/p)
         return h.flatten(2).transpose(1, 2) + self.pos

@@ -1,6 +1,6 @@
-"""Fusion methods, one file each; a method with training-time behaviour (callbacks, diagnostics, timing) is one
-package (`deq`, `dynmm`, `gradient_blend`, `profusion`). Contract: built from ``encoders`` and ``num_outputs``;
-``forward(inputs) -> FusionOutput(logits, aux_loss, info)``; iterable models also provide
+"""Fusion methods, one file each; a method with training-time behaviour (callbacks, diagnostics, timing) is
+one package (`deq`, `dynmm`, `gradient_blend`, `profusion`). Contract: built from ``encoders`` and
+``num_outputs``; ``forward(inputs) -> FusionOutput(logits, aux_loss, info)``; iterable models also provide
 ``step``/``predict`` (see base.py), which the Pro-Fusion wrapper uses."""
 
 from fusionbench.fusion.base import EncoderFusion, FusionOutput, FusionStep

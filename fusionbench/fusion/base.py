@@ -5,9 +5,9 @@ A fusion model is built from ``encoders`` (an `nn.ModuleDict`, one encoder per m
 can iterate also split forward into ``step(inputs, context) -> FusionStep`` (encoders, given an
 optional per-encoder context, then the fusion) and ``predict(step) -> FusionOutput`` (the head), and
 report ``fused_dim``; `EncoderFusion` provides all three. A model whose loss needs the labels
-(MM-Dynamics' confidence terms) also defines ``target_loss(output, target)``; the task adds it. Baselines subclass `EncoderFusion` and
-implement only ``fuse(embeddings)`` and ``fused_dim``; the prediction head is built from ``fused_dim``,
-so no dimension is ever written in YAML.
+(MM-Dynamics' confidence terms) also defines ``target_loss(output, target)``; the task adds it. Baselines
+subclass `EncoderFusion` and implement only ``fuse(embeddings)`` and ``fused_dim``; the prediction head is
+built from ``fused_dim``, so no dimension is ever written in YAML.
 """
 
 from __future__ import annotations
@@ -135,7 +135,8 @@ class EncoderFusion(nn.Module):
 def require_equal_dims(dims: Mapping[str, int], method: str) -> int:
     if len(set(dims.values())) != 1:
         raise ConfigError(
-            f"{method} needs every encoder to output the same width, got {dict(dims)}. Make the last entry of "
-            "each `backbone.<modality>.hidden_dims` equal, or use a fusion that concatenates (fusion=concat)."
+            f"{method} needs every encoder to output the same width, got {dict(dims)}. Make the last entry "
+            "of each `backbone.<modality>.hidden_dims` equal, or use a fusion that concatenates "
+            "(fusion=concat)."
         )
     return next(iter(dims.values()))

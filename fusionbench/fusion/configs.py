@@ -35,8 +35,8 @@ def fusion_names(exclude: tuple[str, ...] = ()) -> list[str]:
 def fusion_config(
     name: str, what: str = "fusion.base", user: str = "this model", exclude: tuple[str, ...] = ()
 ) -> DictConfig:
-    """The node ``fusion=<name>`` composes to; ``what`` and ``user`` name the setting and the model in the error
-    for a name that is not a fusion option (or is one of ``exclude``)."""
+    """The node ``fusion=<name>`` composes to; ``what`` and ``user`` name the setting and the model in the
+    error for a name that is not a fusion option (or is one of ``exclude``)."""
     names = fusion_names(exclude)
     if name not in names:
         raise ConfigError(f"{what}={name!r} is not a fusion {user} can wrap; choose one of {names}.")

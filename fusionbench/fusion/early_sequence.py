@@ -40,7 +40,8 @@ def build_joint(encoder: Any, in_features: int) -> nn.Module:
     width = getattr(built, "in_features", None)
     if width is not None and int(width) != in_features:
         raise ConfigError(
-            f"The joint sequence encoder takes {width} features per step; the stacked inputs have {in_features}."
+            f"The joint sequence encoder takes {width} features per step; the stacked inputs have "
+            f"{in_features}."
         )
     return built
 
@@ -78,7 +79,8 @@ class EarlySequenceFusion(EncoderFusion):
         missing = [m for m in self.input_modalities if m not in inputs]
         if missing:
             raise ConfigError(
-                f"The batch has modalities {sorted(inputs)}; early sequence fusion needs {self.input_modalities}."
+                f"The batch has modalities {sorted(inputs)}; early sequence fusion needs "
+                f"{self.input_modalities}."
             )
         parts = []
         for m in self.input_modalities:
@@ -86,7 +88,8 @@ class EarlySequenceFusion(EncoderFusion):
             x = x.unsqueeze(-1) if x.dim() == 2 else x
             if x.dim() != 3 or x.shape[-1] != self.step_features[m]:
                 raise ConfigError(
-                    f"Early sequence fusion expects '{m}' as (batch, time, {self.step_features[m]}), got {tuple(x.shape)}."
+                    f"Early sequence fusion expects '{m}' as (batch, time, {self.step_features[m]}), got "
+                    f"{tuple(x.shape)}."
                 )
             parts.append(x)
         lengths = {m: p.shape[1] for m, p in zip(self.input_modalities, parts)}

@@ -73,7 +73,8 @@ class MFASFusion(EncoderFusion):
         bad = [a for a in activations if a not in ACTIVATIONS]
         if bad or not activations:
             raise ConfigError(
-                f"fusion.activations must be a non-empty list of {sorted(ACTIVATIONS)}, got {list(activations)}."
+                f"fusion.activations must be a non-empty list of {sorted(ACTIVATIONS)}, got "
+                f"{list(activations)}."
             )
         cells = len(activations)
         widths = {}
@@ -81,12 +82,13 @@ class MFASFusion(EncoderFusion):
             enc = self.encoders[m]
             if not hasattr(enc, "layer_outputs") or not hasattr(enc, "widths"):
                 raise ConfigError(
-                    f"MFAS fuses intermediate encoder layers, but the '{m}' encoder ({type(enc).__name__}) has no "
-                    "`layer_outputs`; use layered encoders (backbone=avmnist, LeNetEncoder)."
+                    f"MFAS fuses intermediate encoder layers, but the '{m}' encoder ({type(enc).__name__}) "
+                    "has no `layer_outputs`; use layered encoders (backbone=avmnist, LeNetEncoder)."
                 )
             if len(layers[m]) != cells:
                 raise ConfigError(
-                    f"fusion.layers.{m} has {len(layers[m])} entries but there are {cells} cells (fusion.activations)."
+                    f"fusion.layers.{m} has {len(layers[m])} entries but there are {cells} cells "
+                    "(fusion.activations)."
                 )
             n = len(enc.widths)
             if any(not 0 <= i < n for i in layers[m]):

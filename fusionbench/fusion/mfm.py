@@ -158,7 +158,8 @@ class MFMFusion(EncoderFusion):
             raise ConfigError(f"fusion.recon_loss must be one of {RECON_LOSSES}, got {recon_loss!r}.")
         if ce_weight <= 0 or recon_weight < 0:
             raise ConfigError(
-                f"fusion.ce_weight must be > 0 and fusion.recon_weight >= 0, got {ce_weight} and {recon_weight}."
+                f"fusion.ce_weight must be > 0 and fusion.recon_weight >= 0, got {ce_weight} and "
+                f"{recon_weight}."
             )
         self.recon_loss, self.ce_weight, self.recon_weight = recon_loss, float(ce_weight), float(recon_weight)
         self.input_shapes = resolve_input_shapes(self.encoders, self.modalities, input_shapes, "MFM")

@@ -73,7 +73,8 @@ class MMDynamics(nn.Module):
             encoders=nn.ModuleDict({m: IdentityEncoder(hidden[m]) for m in self.modalities}),
             num_outputs=num_outputs,
         )
-        # a fusion that sets the dropout of the encoders feeding it (DEQ fusion's encoder_dropout) means these view encoders
+        # a fusion that sets the dropout of the encoders feeding it (DEQ fusion's encoder_dropout)
+        # means these view encoders
         set_dropout(self.encoders, getattr(self.fusion, "encoder_dropout", None))
         _xavier(self.fusion.head)
 

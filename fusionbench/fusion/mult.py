@@ -12,7 +12,8 @@ The network (MulT's Figure 2, as MultiBench's ``fusions/finance/mult.py``):
 1. per group a bias-free per-step projection to ``dim`` (MulT's ``Conv1d(n_g, d, 1, bias=False)``);
 2. crossmodal transformers CM_{j->i}: the target group i's sequence attends to the source group j's,
 
-       CM_{j->i}(X_i, X_j) = softmax(Q_i K_j^T / sqrt(d)) V_j,   Q_i = X_i W_Q,  K_j = X_j W_K,  V_j = X_j W_V,
+       CM_{j->i}(X_i, X_j) = softmax(Q_i K_j^T / sqrt(d)) V_j,
+       Q_i = X_i W_Q,  K_j = X_j W_K,  V_j = X_j W_V,
 
    in ``layers`` pre-LayerNorm blocks (attention, residual; LayerNorm, ReLU feed-forward of width
    ``ff_mult * dim``, residual) and a final LayerNorm. Inputs are scaled by sqrt(dim) and get
@@ -83,8 +84,9 @@ class GroupProjection(ContextEncoder):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         if context is not None and context.dim() != 2:
             raise ConfigError(
-                f"MulT's group projections take a (batch, context_dim) context, got {tuple(context.shape)}. Its group "
-                "encoders output sequences, so Pro-Fusion's feedback=own is not supported with MulT; use feedback=fused."
+                f"MulT's group projections take a (batch, context_dim) context, got {tuple(context.shape)}. "
+                "Its group encoders output sequences, so Pro-Fusion's feedback=own is not supported with "
+                "MulT; use feedback=fused."
             )
         h = self.proj(x)  # (B, T, dim)
         return self.join(0, h.transpose(1, 2), context).transpose(1, 2)  # the join adds over trailing axes
@@ -185,7 +187,8 @@ class MulTFusion(EncoderFusion):
         they are dropped: the model is MulT's network alone.
     num_outputs: regression targets / classes.
     groups: G, contiguous groups of the sorted modalities (MultiBench: 3).
-    group_members: explicit groups (lists of modality keys, every modality exactly once); overrides ``groups``.
+    group_members: explicit groups (lists of modality keys, every modality exactly once); overrides
+        ``groups``.
     dim: MulT's embedding width d (MultiBench finance: 9).
     heads: attention heads (3); ``dim`` must be divisible by it.
     layers: crossmodal layers (3).
@@ -277,12 +280,14 @@ class MulTFusion(EncoderFusion):
     def default_groups(self, groups: int) -> list[list[str]]:
         if groups < 2:
             raise ConfigError(
-                f"MulT fuses groups of modalities across each other: fusion.groups must be >= 2, got {groups}."
+                "MulT fuses groups of modalities across each other: fusion.groups must be >= 2, got "
+                f"{groups}."
             )
         if len(self.input_modalities) < groups:
             raise ConfigError(
                 f"MulT splits the modalities into fusion.groups={groups} groups but there are only "
-                f"{len(self.input_modalities)} ({self.input_modalities}); lower fusion.groups or add modalities."
+                f"{len(self.input_modalities)} ({self.input_modalities}); lower fusion.groups or add "
+                "modalities."
             )
         return split_groups(self.input_modalities, groups)
 
@@ -294,8 +299,9 @@ class MulTFusion(EncoderFusion):
         unused = sorted(set(self.input_modalities) - set(flat))
         if len(members) < 2 or any(not g for g in members) or unknown or repeated or unused:
             raise ConfigError(
-                f"fusion.group_members must split the modalities {self.input_modalities} into >= 2 non-empty groups, "
-                f"each modality exactly once; got {members} (unknown {unknown}, repeated {repeated}, unused {unused})."
+                f"fusion.group_members must split the modalities {self.input_modalities} into >= 2 non-empty "
+                f"groups, each modality exactly once; got {members} (unknown {unknown}, repeated {repeated}, "
+                f"unused {unused})."
             )
         return [sorted(g) for g in members]
 
@@ -304,20 +310,23 @@ class MulTFusion(EncoderFusion):
         missing = [m for m in self.input_modalities if m not in inputs]
         if missing:
             raise ConfigError(
-                f"The batch has modalities {sorted(inputs)}; MulT needs {self.input_modalities} (missing {missing})."
+                f"The batch has modalities {sorted(inputs)}; MulT needs {self.input_modalities} (missing "
+                f"{missing})."
             )
         series = {}
         for m in self.input_modalities:
             x = inputs[m].unsqueeze(-1) if inputs[m].dim() == 2 else inputs[m]
             if x.dim() != 3 or x.shape[-1] != self.step_features[m]:
                 raise ConfigError(
-                    f"MulT expects '{m}' as (batch, time, {self.step_features[m]}), got {tuple(inputs[m].shape)}."
+                    f"MulT expects '{m}' as (batch, time, {self.step_features[m]}), got "
+                    f"{tuple(inputs[m].shape)}."
                 )
             series[m] = x
         lengths = {m: x.shape[1] for m, x in series.items()}
         if len(set(lengths.values())) != 1:
             raise ConfigError(
-                f"MulT (as MultiBench's finance model) needs equally long, aligned series; got lengths {lengths}."
+                "MulT (as MultiBench's finance model) needs equally long, aligned series; got lengths "
+                f"{lengths}."
             )
         return {g: torch.cat([series[m] for m in ms], dim=-1) for g, ms in self.members.items()}
 

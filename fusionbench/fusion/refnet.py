@@ -56,8 +56,8 @@ def resolve_input_shapes(
         if m in given:
             if dim is not None and math.prod(given[m]) != int(dim):
                 raise ConfigError(
-                    f"fusion.input_shapes.{m}={list(given[m])} has {math.prod(given[m])} values but the '{m}' encoder "
-                    f"takes {dim}; fix or remove that entry."
+                    f"fusion.input_shapes.{m}={list(given[m])} has {math.prod(given[m])} values but the "
+                    f"'{m}' encoder takes {dim}; fix or remove that entry."
                 )
             shapes[m] = given[m]
         elif dim is not None:

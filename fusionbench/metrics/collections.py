@@ -2,7 +2,7 @@
 
 | task | metrics (key) |
 | --- | --- |
-| multiclass | accuracy (``acc``), weighted F1 (``f1_weighted``), macro F1 (``f1_macro``), macro one-vs-rest AUROC (``auroc``) |
+| multiclass | accuracy ``acc``, weighted F1 ``f1_weighted``, macro F1 ``f1_macro``, macro AUROC ``auroc`` |
 | multilabel | micro F1 (``f1_micro``), macro F1 (``f1_macro``) at threshold 0.5 on sigmoid outputs |
 | regression | ``mse``, ``mae``, Pearson r (``pearson``) |
 

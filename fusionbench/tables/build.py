@@ -102,7 +102,8 @@ class TableSpec:
             )
         if kind == "robustness" and not (raw.get("robust_metric") and raw.get("baseline")):
             raise ValueError(
-                f"{path}: a robustness table needs `robust_metric` (e.g. mse) and `baseline` (an experiment name)"
+                f"{path}: a robustness table needs `robust_metric` (e.g. mse) "
+                "and `baseline` (an experiment name)"
             )
         if kind == "curve":
             if not raw.get("x", {}).get("values") or len(raw["metrics"]) != 1:
@@ -111,14 +112,16 @@ class TableSpec:
                 if raw.get("artifact"):
                     if "series" not in row:
                         raise ValueError(
-                            f"{path}: rows of an artifact curve table need `series` (the key in the file): {row}"
+                            f"{path}: rows of an artifact curve table need `series` (the key in the file): "
+                            f"{row}"
                         )
                     continue
                 if "{x}" not in row.get("experiment", "") or (
                     raw.get("improvement") and "{x}" not in row.get("baseline", "")
                 ):
                     raise ValueError(
-                        f"{path}: curve rows need `experiment` (and with improvement, `baseline`) patterns with {{x}}: {row}"
+                        f"{path}: curve rows need `experiment` (and with improvement, `baseline`) patterns "
+                        f"with {{x}}: {row}"
                     )
         for row in raw["rows"]:
             if "label" not in row or "experiment" not in row:
@@ -139,9 +142,8 @@ def aggregate(spec: TableSpec, runs: pd.DataFrame) -> list[dict[str, Any]]:
     out = []
     for row in spec.rows:
         sel = runs[runs["experiment_name"] == row["experiment"]] if len(runs) else runs
-        if len(
-            sel
-        ):  # seeds 0..seeds-1: a row shared with a table of more seeds averages the same runs as its own table
+        # seeds 0..seeds-1: a row shared with a table of more seeds averages the same runs as its own table
+        if len(sel):
             sel = sel[pd.to_numeric(sel["seed"], errors="coerce") < spec.seeds]
         entry: dict[str, Any] = {
             "label": row["label"],
@@ -178,7 +180,8 @@ UNCONVERGED = " †"
 
 
 def early_selections(sel: pd.DataFrame) -> list[int]:
-    """Seeds whose tested checkpoint is from before epoch EARLY_EPOCHS of a run that trained at least 3x longer."""
+    """Seeds whose tested checkpoint is from before epoch EARLY_EPOCHS of a run that trained at least 3x
+    longer."""
     if not len(sel) or "best_epoch" not in sel or "epochs_trained" not in sel:
         return []
     best = pd.to_numeric(sel["best_epoch"], errors="coerce")
@@ -215,14 +218,15 @@ def notes(spec: TableSpec, rows: list[dict[str, Any]]) -> list[str]:
     if spec.tradeoff:
         t = spec.tradeoff
         lines.append(
-            f"Figure `results/{spec.name}.png`: (a) {t.get('y_label', t['y'])} against {t.get('x_label', t['x'])} "
-            "(rows with a λ as one line, other rows as single points); (b) each expert's share of the test samples against λ."
+            f"Figure `results/{spec.name}.png`: (a) {t.get('y_label', t['y'])} against "
+            f"{t.get('x_label', t['x'])} (rows with a λ as one line, other rows as single points); (b) each "
+            "expert's share of the test samples against λ."
         )
     flagged = [r for r in rows if r.get("unconverged")]
     if flagged:
         lines.append(
-            f"{UNCONVERGED.strip()} Tested on unconverged DEQ solves (forward residual above the failure tolerance on "
-            "some test samples), averaged in as they are: "
+            f"{UNCONVERGED.strip()} Tested on unconverged DEQ solves (forward residual above the failure "
+            "tolerance on some test samples), averaged in as they are: "
             + "; ".join(f"{r['label']}: seeds {', '.join(map(str, r['unconverged']))}" for r in flagged)
             + "."
         )

@@ -50,8 +50,9 @@ def flatten(record: dict[str, Any]) -> dict[str, Any]:
 def deq_test_converged(record: dict[str, Any]) -> float | None:
     """Share of test samples whose DEQ forward solve converged (None: no DEQ fusion in the run).
 
-    From the ``deq_solver`` entry of `fusionbench.fusion.deq.callbacks.DEQMonitor`; records older than it have only the
-    mean test residual, and count as converged when it is within the default failure tolerance 0.1."""
+    From the ``deq_solver`` entry of `fusionbench.fusion.deq.callbacks.DEQMonitor`; records older than it have
+    only the mean test residual, and count as converged when it is within the default failure tolerance
+    0.1."""
     solver = (record.get("deq_solver") or {}).get("test_forward") or {}
     if "converged" in solver:
         return float(solver["converged"])

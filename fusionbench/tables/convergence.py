@@ -94,8 +94,8 @@ def convergence_markdown(spec, rows: list[dict[str, Any]]) -> str:
     missing = [r for r in rows if r["n"] < spec.seeds]
     lines += [
         "",
-        "Batch means on the first test batch of each run, then the arithmetic mean over runs (a few runs that do "
-        "not converge dominate it); the figure shows geometric means with 95% intervals.",
+        "Batch means on the first test batch of each run, then the arithmetic mean over runs (a few runs "
+        "that do not converge dominate it); the figure shows geometric means with 95% intervals.",
     ]
     if missing:
         lines.append(

@@ -3,9 +3,9 @@
 
 Per row (one experiment, several seeds): the clean test metrics of ``metrics`` (mean ± std), the raw
 area under ``robust_metric`` against the noise level (mean ± std over seeds), the relative area tau
-against the ``baseline`` experiment's mean curve (one name, or ``{group: name}``) (Pro-Fusion appendix; sign flipped for error
-metrics so that higher = more robust; tau is linear in the curve, so its seed mean is tau of the
-mean curve), and tau min-max scaled to [0, 1] across the rows of the same ``group`` that have runs
+against the ``baseline`` experiment's mean curve (one name, or ``{group: name}``) (Pro-Fusion appendix; sign
+flipped for error metrics so that higher = more robust; tau is linear in the curve, so its seed mean is tau of
+the mean curve), and tau min-max scaled to [0, 1] across the rows of the same ``group`` that have runs
 (the paper's "relative robustness"; the baseline cancels in the scaled value). The caption states the
 grid read from the records and the baseline. Rows whose records hold another grid are left out of the
 areas and named in the notes. Output: ``<name>.md``, ``.csv`` and ``<name>.png`` (mean curves, one panel
@@ -171,10 +171,12 @@ def robustness_markdown(
         base_label = names.get(spec.baseline, spec.baseline)
     if grid:
         lines.append(
-            f"Grid (from the run records): noise {' + '.join(grid['noise'])} at levels {grid['levels']} on the "
-            f"'{spec.curve}' curve, noise seed {grid['seed']}. AUC = trapezoid area of test {spec.robust_metric} over the levels; "
-            f"τ = {'−' if lower_is_better(spec.robust_metric) else ''}∫(model − baseline) with baseline **{base_label}** "
-            "(mean curve over its seeds); robustness [0,1] = τ min-max scaled across the rows of the same group with runs."
+            f"Grid (from the run records): noise {' + '.join(grid['noise'])} at levels {grid['levels']} on "
+            f"the '{spec.curve}' curve, noise seed {grid['seed']}. AUC = trapezoid area of test "
+            f"{spec.robust_metric} over the levels; τ = "
+            f"{'−' if lower_is_better(spec.robust_metric) else ''}∫(model − baseline) with baseline "
+            f"**{base_label}** (mean curve over its seeds); robustness [0,1] = τ min-max scaled across the "
+            "rows of the same group with runs."
         )
     else:
         lines.append("No run record holds a robustness curve yet.")

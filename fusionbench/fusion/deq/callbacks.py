@@ -1,6 +1,6 @@
-"""DEQ fusion's callbacks: `DEQMonitor` (per-epoch solver convergence, warnings, the run record's ``deq_solver``)
-and `DEQDiagnostics` (convergence traces after testing, Table 8 and Figures 3-4). Both do nothing for models
-without DEQ fusion, so the default callback set carries them."""
+"""DEQ fusion's callbacks: `DEQMonitor` (per-epoch solver convergence, warnings, the run record's
+``deq_solver``) and `DEQDiagnostics` (convergence traces after testing, Table 8 and Figures 3-4). Both do
+nothing for models without DEQ fusion, so the default callback set carries them."""
 
 from __future__ import annotations
 
@@ -139,11 +139,13 @@ class DEQMonitor(pl.Callback):
         if bad and trainer.current_epoch - self._last_warned >= self.warn_every:
             self._last_warned = trainer.current_epoch
             log.warning(
-                "DEQ fusion, epoch %d: %.1f%% of forward solves converged; %s. Training goes on (this repeats at most "
-                "every %d epochs; the shares are logged per epoch as train/deq/f_converged and train/deq/b_converged).",
+                "DEQ fusion, epoch %d: %.1f%% of forward solves converged; %s. Training goes on (this "
+                "repeats at most every %d epochs; the shares are logged per epoch as train/deq/f_converged "
+                "and train/deq/b_converged).",
                 trainer.current_epoch,
                 100 * forward["converged"],
-                f"{100 * backward['converged']:.1f}% of backward solves passed their check, the rest used the phantom gradient"
+                f"{100 * backward['converged']:.1f}% of backward solves passed their check, the rest used "
+                "the phantom gradient"
                 if backward
                 else "no implicit backward solves",
                 self.warn_every,
@@ -166,9 +168,10 @@ class DEQMonitor(pl.Callback):
         if summary["converged"] < 1 and trainer.current_epoch - self._last_val_warned >= self.warn_every:
             self._last_val_warned = trainer.current_epoch
             log.warning(
-                "DEQ fusion, epoch %d: only %.1f%% of validation samples' forward solves converged (residual within "
-                "fusion.failure_tol); their metrics, and a checkpoint selected on them, come from unconverged solves "
-                "(repeats at most every %d epochs; logged per epoch as val/deq/f_converged).",
+                "DEQ fusion, epoch %d: only %.1f%% of validation samples' forward solves converged "
+                "(residual within fusion.failure_tol); their metrics, and a checkpoint selected on them, "
+                "come from unconverged solves (repeats at most every %d epochs; logged per epoch as "
+                "val/deq/f_converged).",
                 trainer.current_epoch,
                 100 * summary["converged"],
                 self.warn_every,
@@ -185,8 +188,8 @@ class DEQMonitor(pl.Callback):
         self.test = {k: round(summary[k], 6) for k in ("solves", "converged", "rel_residual")}
         if summary["converged"] < 1:
             log.warning(
-                "DEQ fusion: only %.1f%% of test samples' forward solves converged (residual within fusion.failure_tol); "
-                "the test metrics are of unconverged solves, and tables flag this run.",
+                "DEQ fusion: only %.1f%% of test samples' forward solves converged (residual within "
+                "fusion.failure_tol); the test metrics are of unconverged solves, and tables flag this run.",
                 100 * summary["converged"],
             )
 

@@ -7,10 +7,10 @@ kernels on tensors of a few hundred kilobytes, so the GPU waits on the Python lo
 `torch.cuda.CUDAGraph` and replayed: one launch instead of thousands.
 
 What a replay reads: the layer's parameters in place (optimisers update them in place, so a graph always sees
-the current weights; `DEQFusion._apply`, i.e. ``.to()``/``.half()``, drops the graphs), and static copies of the
-injected features x, x_fuse, the dropout mask, and for the backward graph z* and dL/dz*. The eager fixed-iteration
-path computes the same arithmetic and stays the reference (CPU, ``cuda_graph=False``); tests marked ``gpu`` check
-that both give the same fixed point, gradients and solver statistics.
+the current weights; `DEQFusion._apply`, i.e. ``.to()``/``.half()``, drops the graphs), and static copies of
+the injected features x, x_fuse, the dropout mask, and for the backward graph z* and dL/dz*. The eager
+fixed-iteration path computes the same arithmetic and stays the reference (CPU, ``cuda_graph=False``); tests
+marked ``gpu`` check that both give the same fixed point, gradients and solver statistics.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ class SolveGraphs:
     def forward(
         self, x: torch.Tensor, x_fuse: torch.Tensor, mask: torch.Tensor | None, state_shape: tuple, iters: int
     ):
-        """``anderson_fixed`` from zeros: ``(z*, abs_residual, rel_residual)``, fresh tensors (not the graph's)."""
+        """``anderson_fixed`` from zeros: ``(z*, abs_residual, rel_residual)``, fresh tensors (not the
+        graph's)."""
         key = (
             "forward",
             tuple(x.shape),
@@ -75,8 +76,8 @@ class SolveGraphs:
                 inputs["mask"] = mask.clone()
 
             def run() -> tuple[torch.Tensor, ...]:
-                # every tensor a graph reads must outlive it: the initial state is made inside the capture, not
-                # closed over (a local freed after capture would be replayed from reused memory)
+                # every tensor a graph reads must outlive it: the initial state is made inside the capture,
+                # not closed over (a local freed after capture would be replayed from reused memory)
                 with torch.no_grad():
                     zeros = inputs["x"].new_zeros(state_shape)
                     return anderson_fixed(
@@ -96,7 +97,8 @@ class SolveGraphs:
         iters: int,
         **adjoint_opts,
     ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]:
-        """``solve_adjoint(z, grad)``: `adjoint` with ``iters`` fixed Anderson steps, ``(g, failed, residual)``.
+        """``solve_adjoint(z, grad)``: `adjoint` with ``iters`` fixed Anderson steps,
+        ``(g, failed, residual)``.
 
         Called in the forward pass, so that a missing graph is captured there rather than inside autograd's
         backward; the returned function replays it with this step's x, x_fuse and mask.
@@ -138,7 +140,8 @@ class SolveGraphs:
     def _capture(
         self, run: Callable[[], tuple[torch.Tensor, ...]], inputs: dict, mask: torch.Tensor | None
     ) -> _Captured:
-        """Warm ``run`` up on a side stream (lazy cuBLAS/allocator set-up must not happen during capture), then capture it."""
+        """Warm ``run`` up on a side stream (lazy cuBLAS/allocator set-up must not happen during capture),
+        then capture it."""
         previous = self.swap_mask(mask)
         try:
             stream = torch.cuda.Stream()

@@ -21,8 +21,9 @@ Where the public code differs from the paper, the option and its default:
 - ``groups=4``: GroupNorm groups are hard-coded to 4 in the code.
 - ``residual_norm="batch"``: the code's solver stops on one absolute residual norm over the whole
   batch; the default ``"sample"`` uses torchdeq's per-sample norms (``f_stop_mode`` rel or abs).
-- ``f_max_iter/b_max_iter``: the public BRCA scripts use 105/106 (its module defaults 55/56); the default here,
-  30/31 (also in ``configs/fusion/deq.yaml``), converges on ROSMAP (Table 8) and BRCA experiments set 105/106.
+- ``f_max_iter/b_max_iter``: the public BRCA scripts use 105/106 (its module defaults 55/56); the default
+  here, 30/31 (also in ``configs/fusion/deq.yaml``), converges on ROSMAP (Table 8) and BRCA experiments set
+  105/106.
 
 Departures that make the method train from the first epoch (both on by default; off = public code):
 - ``inject_norm=True``: the injected features x_i pass through a GroupNorm (per-modality affine) before
@@ -39,10 +40,10 @@ Departures that make the method train from the first epoch (both on by default; 
 Gradients: ``grad="ift"`` solves the adjoint system with ``b_solver`` and checks its residual; a sample
 whose backward solve fails (residual above ``b_failure_tol`` x ||dL/dz*||, or not finite) gets the phantom
 gradient instead, and the share is counted (`fusionbench.fusion.deq.solve`, logged by
-`fusionbench.fusion.deq.callbacks.DEQMonitor`). ``fixed_iterations=True`` runs exactly ``f_max_iter`` / ``b_max_iter``
-Anderson steps with no host synchronisation inside the loops (convergence is checked once, after the
-solve); ``cuda_graph=True`` then replays both solves from CUDA graphs on a GPU (`fusionbench.fusion.deq.graph`),
-the fast path measured by ``scripts/bench_fusion.py``.
+`fusionbench.fusion.deq.callbacks.DEQMonitor`). ``fixed_iterations=True`` runs exactly ``f_max_iter`` /
+``b_max_iter`` Anderson steps with no host synchronisation inside the loops (convergence is checked once,
+after the solve); ``cuda_graph=True`` then replays both solves from CUDA graphs on a GPU
+(`fusionbench.fusion.deq.graph`), the fast path measured by ``scripts/bench_fusion.py``.
 
 Ablations of Tables 5-7 (paper §3.2): ``use_f_theta=False`` sets z_i = x_i; ``use_f_fuse=False`` sets
 z_fuse = sum_i w_i z_i (no purify-then-combine, so no gate); ``recursion=False`` applies every
@@ -232,7 +233,8 @@ class DEQFusion(EncoderFusion):
         d = require_equal_dims(self.embed_dims, "DEQ fusion")
         if d % groups:
             raise ConfigError(
-                f"DEQ fusion width {d} is not divisible by fusion.groups={groups}; change the encoders' output width or the groups."
+                f"DEQ fusion width {d} is not divisible by fusion.groups={groups}; change the encoders' "
+                "output width or the groups."
             )
         n = len(self.modalities)
         self.width, self.num_modalities = d, n
@@ -269,8 +271,8 @@ class DEQFusion(EncoderFusion):
             raise ConfigError(f"fusion.b_failure_tol must be > 0, got {b_failure_tol}.")
         if cuda_graph and not fixed_iterations:
             raise ConfigError(
-                "fusion.cuda_graph=true needs fusion.fixed_iterations=true: only fixed-iteration solves have the "
-                "static shapes a CUDA graph can replay."
+                "fusion.cuda_graph=true needs fusion.fixed_iterations=true: only fixed-iteration solves "
+                "have the static shapes a CUDA graph can replay."
             )
         suffix = "_global" if residual_norm == "batch" else ""
         self.grad, self.fixed_iterations, self.cuda_graph = grad, fixed_iterations, cuda_graph
@@ -360,8 +362,8 @@ class DEQFusion(EncoderFusion):
     def solve(
         self, func, state0: torch.Tensor, x: torch.Tensor, x_fuse: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The fixed point of ``func`` (the layer on x, x_fuse) from ``state0`` and the forward solver's statistics,
-        with the configured gradient attached when training (`fusionbench.fusion.deq.solve`)."""
+        """The fixed point of ``func`` (the layer on x, x_fuse) from ``state0`` and the forward solver's
+        statistics, with the configured gradient attached when training (`fusionbench.fusion.deq.solve`)."""
         training = self.training and torch.is_grad_enabled()
         max_iter = self.f_max_iter if self.training else self.eval_f_max_iter
         graphs = self._solve_graphs() if self.cuda_graph and state0.is_cuda else None
@@ -480,10 +482,11 @@ class DEQFusion(EncoderFusion):
                 self.consecutive_failures += 1
                 if self.consecutive_failures >= self.max_failures:
                     raise TrainingError(
-                        f"The DEQ fusion solver failed to converge on {self.consecutive_failures} consecutive training "
-                        f"steps (last {self.f_stop_mode} residual {float(residual.max()):.3g}, tolerance "
-                        f"{self.failure_tol:.3g}). Try more iterations (fusion.f_max_iter), a Jacobian penalty "
-                        "(fusion.jac_weight=1.0 or more), another solver (fusion.f_solver=broyden), or a lower learning rate."
+                        f"The DEQ fusion solver failed to converge on {self.consecutive_failures} "
+                        f"consecutive training steps (last {self.f_stop_mode} residual "
+                        f"{float(residual.max()):.3g}, tolerance {self.failure_tol:.3g}). Try more "
+                        "iterations (fusion.f_max_iter), a Jacobian penalty (fusion.jac_weight=1.0 or "
+                        "more), another solver (fusion.f_solver=broyden), or a lower learning rate."
                     )
             else:
                 self.consecutive_failures = 0

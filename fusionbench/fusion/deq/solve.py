@@ -49,7 +49,8 @@ class SolveStats:
         self.residual = self.residual + residual.clamp(max=1e6).sum()
 
     def summary(self) -> dict[str, float]:
-        """``{solves, converged, fallback, rel_residual}`` (shares of samples); empty if nothing was solved."""
+        """``{solves, converged, fallback, rel_residual}`` (shares of samples); empty if nothing was
+        solved."""
         if self.solves is None or float(self.solves) == 0:
             return {}
         n = float(self.solves)
@@ -85,12 +86,13 @@ def adjoint(
     sync_free: bool,
     batch_global: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The checked solution g of g = J_f(z)^T g + grad, and per sample whether it failed and its relative residual.
+    """The checked solution g of g = J_f(z)^T g + grad, and per sample whether it failed and its relative
+    residual.
 
     Samples whose residual is above ``fail_tol`` (or not finite) get the phantom series instead. ``sync_free``
     computes that fallback always and selects it with ``torch.where`` (no host sync: required inside a CUDA
-    graph); otherwise one host sync skips it when no sample failed. ``batch_global`` makes one decision for the
-    whole batch (the public code's batch-global residual).
+    graph); otherwise one host sync skips it when no sample failed. ``batch_global`` makes one decision for
+    the whole batch (the public code's batch-global residual).
     """
     h = z.clone().requires_grad_()
     with torch.enable_grad():
@@ -129,7 +131,8 @@ class ImplicitGrad(autograd.Function):
 
 
 def implicit(z_next: torch.Tensor, func: Func, solve: Callable, stats: SolveStats, **opts) -> torch.Tensor:
-    """Attach the checked implicit gradient (`adjoint`, eager) to ``z_next = f(z*)``, one step with graph for dL/dtheta."""
+    """Attach the checked implicit gradient (`adjoint`, eager) to ``z_next = f(z*)``, one step with graph for
+    dL/dtheta."""
     return ImplicitGrad.apply(z_next, lambda z, grad: adjoint(func, z, grad, solve, **opts), stats)
 
 
@@ -142,7 +145,8 @@ def phantom(z_star: torch.Tensor, func: Func, steps: int, tau: float) -> torch.T
 
 
 def small_solve(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Solve the batched, symmetric positive definite n x n systems A x = b (n tiny) by Gauss-Jordan elimination.
+    """Solve the batched, symmetric positive definite n x n systems A x = b (n tiny) by Gauss-Jordan
+    elimination.
 
     Plain tensor arithmetic: no pivoting (not needed for SPD), no LAPACK/cuSOLVER call, no error check, so no
     host synchronisation and nothing a CUDA graph cannot capture; 4 kernels per column.
@@ -161,9 +165,9 @@ def anderson_fixed(func: Func, x0: torch.Tensor, iters: int, m: int = 6, lam: fl
 
     Per-sample mixing as torchdeq's ``anderson_solver`` (memory ``m``, regulariser ``lam``, damping ``tau``)
     but without early stopping, returning the last iterate f(x_k) and its per-sample absolute and relative
-    residuals ||f(x_k) - x_k||, ||f(x_k) - x_k|| / ||f(x_k)||. The mixing weights minimise ||G^T alpha|| subject
-    to sum(alpha) = 1, i.e. alpha = w / sum(w) with (G G^T + lam I) w = 1: the same weights as torchdeq's
-    bordered system, solved by `small_solve` so that the loop can be captured in a CUDA graph.
+    residuals ||f(x_k) - x_k||, ||f(x_k) - x_k|| / ||f(x_k)||. The mixing weights minimise ||G^T alpha||
+    subject to sum(alpha) = 1, i.e. alpha = w / sum(w) with (G G^T + lam I) w = 1: the same weights as
+    torchdeq's bordered system, solved by `small_solve` so that the loop can be captured in a CUDA graph.
     Returns ``(z, abs_residual, rel_residual)``.
     """
     shape, bsz = x0.shape, x0.shape[0]

@@ -1,5 +1,6 @@
-"""Dynamic multimodal fusion: the model (`model`), its gates, decisions and resource loss (`gates`, `routing`),
-stage-I loading (`stage1`), the training-schedule callback (`callback`) and inference timing (`timing`)."""
+"""Dynamic multimodal fusion: the model (`model`), its gates, decisions and resource loss (`gates`,
+`routing`), stage-I loading (`stage1`), the training-schedule callback (`callback`) and inference timing
+(`timing`)."""
 
 from fusionbench.fusion.dynmm.gates import GATES, ConvGate, MLPGate, TransformerGate
 from fusionbench.fusion.dynmm.model import DynMMFusion

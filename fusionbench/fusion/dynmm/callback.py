@@ -1,7 +1,7 @@
 """Drives DynMM's two-stage training (`fusionbench.fusion.dynmm.DynMMFusion`) from Lightning's epoch loop.
 
-Add it as ``+callbacks.dynmm={_target_: fusionbench.fusion.dynmm.callback.DynMMCallback}``; it does nothing for
-models without a DynMM fusion. It
+Add it as ``+callbacks.dynmm={_target_: fusionbench.fusion.dynmm.callback.DynMMCallback}``; it does nothing
+for models without a DynMM fusion. It
 
 - at ``setup`` runs the model once on one training batch (eval mode, no gradients), so that the lazy
   layers of the built-in gates take their shapes and the experts' MAdds are measured before the
@@ -93,9 +93,10 @@ class DynMMCallback(pl.Callback):
                 "ddp_spawn" if getattr(trainer.strategy.launcher, "_start_method", None) == "spawn" else "ddp"
             )
             raise ConfigError(
-                "DynMM switches from stage I (gate without gradient) to stage II in this run, which plain DDP refuses; "
-                f"set trainer.strategy={name}_find_unused_parameters_true, or train stage I in a run of its own and "
-                "start this one from it with fusion.stage1_ckpt (then frozen experts work with plain DDP)."
+                "DynMM switches from stage I (gate without gradient) to stage II in this run, which plain "
+                f"DDP refuses; set trainer.strategy={name}_find_unused_parameters_true, or train stage I in "
+                "a run of its own and start this one from it with fusion.stage1_ckpt (then frozen experts "
+                "work with plain DDP)."
             )
         for cb in trainer.callbacks:
             monitor = getattr(cb, "monitor", None)
@@ -112,8 +113,8 @@ class DynMMCallback(pl.Callback):
                 and not model.stage1_loaded
             ):
                 log.warning(
-                    "Checkpoint selection monitors %s, which includes DynMM's stage-I epochs; DynMM experiments select on "
-                    "callbacks.model_checkpoint.monitor=val/stage2_loss.",
+                    "Checkpoint selection monitors %s, which includes DynMM's stage-I epochs; DynMM "
+                    "experiments select on callbacks.model_checkpoint.monitor=val/stage2_loss.",
                     monitor,
                 )
         needs_shapes = any(
@@ -178,8 +179,8 @@ class DynMMCallback(pl.Callback):
 
     # -- run record --------------------------------------------------------------------------------
     def record(self, task: pl.LightningModule, datamodule: Any, tested: bool) -> dict[str, Any]:
-        """``{"dynmm_timing": ...}`` for a tested DynMM model (``task`` holds the tested weights). Never raises:
-        timing must not end a finished run; a failure is stored as ``{"error": ...}``."""
+        """``{"dynmm_timing": ...}`` for a tested DynMM model (``task`` holds the tested weights). Never
+        raises: timing must not end a finished run; a failure is stored as ``{"error": ...}``."""
         model = self.dynmm_model(task)
         samples = int(self.timing.get("samples", 0))
         if model is None or not tested or samples <= 0:

@@ -24,7 +24,8 @@ def parse_temperature(temperature: Any) -> dict[str, Any]:
         temperature = {"start": temperature}
     if not isinstance(temperature, Mapping):
         raise ConfigError(
-            f"fusion.temperature must be a number or {{start, end, anneal_epochs, schedule}}, got {temperature!r}."
+            "fusion.temperature must be a number or {start, end, anneal_epochs, schedule}, got "
+            f"{temperature!r}."
         )
     unknown = sorted(set(temperature) - {"start", "end", "anneal_epochs", "schedule"})
     if unknown:
@@ -63,7 +64,8 @@ def resolve_modalities(name: str, given: Any, modalities: Sequence[str]) -> list
         if isinstance(m, int):
             if not -len(list(modalities)) <= m < len(list(modalities)):
                 raise ConfigError(
-                    f"fusion.experts.{name}.modalities: position {m} is out of range for the modalities {list(modalities)}."
+                    f"fusion.experts.{name}.modalities: position {m} is out of range for the modalities "
+                    f"{list(modalities)}."
                 )
             m = list(modalities)[m]
         if m not in list(modalities):
@@ -78,7 +80,8 @@ def resolve_modalities(name: str, given: Any, modalities: Sequence[str]) -> list
 
 
 def parse_cost(cost: Any, expert_names: Sequence[str]) -> tuple[str, torch.Tensor | None]:
-    """``(form, fixed costs or None)`` of ``fusion.cost``: ``madds`` (measured later), ``share`` or ``{expert: cost}``."""
+    """``(form, fixed costs or None)`` of ``fusion.cost``: ``madds`` (measured later), ``share`` or ``{expert:
+    cost}``."""
     if isinstance(cost, str):
         if cost not in COSTS:
             raise ConfigError(f"fusion.cost must be one of {COSTS} or {{expert: cost}}, got {cost!r}.")
@@ -92,7 +95,8 @@ def parse_cost(cost: Any, expert_names: Sequence[str]) -> tuple[str, torch.Tenso
         unknown = sorted(set(cost) - set(list(expert_names)))
         if missing or unknown:
             raise ConfigError(
-                f"fusion.cost as a mapping needs one cost per expert {list(expert_names)}; missing {missing}, unknown {unknown}."
+                f"fusion.cost as a mapping needs one cost per expert {list(expert_names)}; missing "
+                f"{missing}, unknown {unknown}."
             )
         values = [float(cost[n]) for n in list(expert_names)]
         if any(v < 0 for v in values):

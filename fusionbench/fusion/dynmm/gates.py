@@ -98,8 +98,8 @@ class TransformerGate(nn.Module):
         shapes = {m: tuple(x.shape) for m, x in zip(self.modalities, xs)}
         if any(x.dim() != 3 for x in xs) or len({x.shape[1] for x in xs}) != 1:
             raise ConfigError(
-                f"The transformer gate needs sequences (B, T, F) of one length T in every modality, got {shapes}; "
-                "use fusion.gate=mlp for other inputs."
+                "The transformer gate needs sequences (B, T, F) of one length T in every modality, got "
+                f"{shapes}; use fusion.gate=mlp for other inputs."
             )
         h = self.encoder(self.proj(torch.cat(xs, dim=-1)))
         return self.out(h[:, -1] if self.pool == "last" else h.mean(dim=1))
@@ -142,7 +142,8 @@ class ConvGate(nn.Module):
         shapes = {m: tuple(x.shape) for m, x in zip(self.modalities, xs)}
         if any(x.dim() != 4 for x in xs):
             raise ConfigError(
-                f"The conv gate needs images (B, C, H, W) in every modality, got {shapes}; use fusion.gate=mlp for other inputs."
+                f"The conv gate needs images (B, C, H, W) in every modality, got {shapes}; use "
+                "fusion.gate=mlp for other inputs."
             )
         if self.size is not None:
             xs = [F.adaptive_avg_pool2d(x, self.size) for x in xs]
@@ -160,7 +161,8 @@ GATES: dict[str, type[nn.Module]] = {"mlp": MLPGate, "transformer": TransformerG
 def build_gate(
     gate: Any, gate_args: Mapping[str, Any], modalities: Sequence[str], expert_names: Sequence[str]
 ) -> nn.Module:
-    """A built-in gate by name, a built module, or a node with ``_target_``; it must output one logit per expert."""
+    """A built-in gate by name, a built module, or a node with ``_target_``; it must output one logit per
+    expert."""
     n = len(expert_names)
     if isinstance(gate, str):
         if gate not in GATES:
@@ -204,7 +206,7 @@ def build_gate(
         raise ConfigError(f"The DynMM gate {type(module).__name__} must report its width as `num_outputs`.")
     if int(width) != n:
         raise ConfigError(
-            f"The DynMM gate outputs {width} logits but there are {n} experts {list(expert_names)}; the gate needs one "
-            f"output per expert (num_outputs: {n})."
+            f"The DynMM gate outputs {width} logits but there are {n} experts {list(expert_names)}; the gate "
+            f"needs one output per expert (num_outputs: {n})."
         )
     return module

@@ -163,8 +163,8 @@ class DynMMFusion(nn.Module):
         self.gating = gating
         if resource_weight < 0:
             raise ConfigError(
-                f"fusion.resource_weight (λ of the resource loss) must be >= 0, got {resource_weight}; a negative λ "
-                "would reward computation. Use 0 to train for accuracy alone."
+                f"fusion.resource_weight (λ of the resource loss) must be >= 0, got {resource_weight}; a "
+                "negative λ would reward computation. Use 0 to train for accuracy alone."
             )
         self.resource_weight = float(resource_weight)
         if int(stage1_epochs) < 0:
@@ -177,7 +177,8 @@ class DynMMFusion(nn.Module):
         experts = _plain(experts)
         if not isinstance(experts, Mapping) or len(experts) < 2:
             raise ConfigError(
-                "fusion.experts needs at least two experts, {name: {fusion: <config name or node>, modalities: [...]}}; "
+                "fusion.experts needs at least two experts, "
+                "{name: {fusion: <config name or node>, modalities: [...]}}; "
                 f"got {experts!r}."
             )
         self.expert_names = list(experts)
@@ -205,9 +206,9 @@ class DynMMFusion(nn.Module):
             self.stage1_loaded = True
         elif self.stage1_epochs == 0 and self.freeze_experts:
             raise ConfigError(
-                "fusion.freeze_experts=true with fusion.stage1_epochs=0 and no fusion.stage1_ckpt would freeze randomly "
-                "initialised experts. Pre-train them (fusion.stage1_epochs=N), load them (fusion.stage1_ckpt=PATH), or "
-                "set fusion.freeze_experts=false."
+                "fusion.freeze_experts=true with fusion.stage1_epochs=0 and no fusion.stage1_ckpt would "
+                "freeze randomly initialised experts. Pre-train them (fusion.stage1_epochs=N), load them "
+                "(fusion.stage1_ckpt=PATH), or set fusion.freeze_experts=false."
             )
         self.register_buffer("stage", torch.tensor(2 if self.stage1_loaded or self.stage1_epochs == 0 else 1))
         self.register_buffer("temperature", torch.tensor(self.temperature_schedule["start"]))
@@ -227,7 +228,8 @@ class DynMMFusion(nn.Module):
             spec = {"fusion": spec}
         if not isinstance(spec, Mapping) or "fusion" not in spec:
             raise ConfigError(
-                f"fusion.experts.{name} needs a `fusion` (a fusion config name or a node with _target_), got {spec!r}."
+                f"fusion.experts.{name} needs a `fusion` (a fusion config name or a node with _target_), got "
+                f"{spec!r}."
             )
         unknown = sorted(set(spec) - set(EXPERT_KEYS))
         if unknown:
@@ -239,7 +241,8 @@ class DynMMFusion(nn.Module):
             names = fusion_names(exclude=("dynmm", "profusion"))
             if fusion not in names:
                 raise ConfigError(
-                    f"fusion.experts.{name}.fusion={fusion!r} is not a fusion DynMM can use as an expert; choose one of {names}."
+                    f"fusion.experts.{name}.fusion={fusion!r} is not a fusion DynMM can use as an expert; "
+                    f"choose one of {names}."
                 )
         mods = resolve_modalities(name, spec.get("modalities"), self.modalities)
         self.expert_modalities[name] = mods
@@ -258,8 +261,8 @@ class DynMMFusion(nn.Module):
         for n, w in widths.items():
             if int(w) != int(widths[first]):
                 raise ConfigError(
-                    f"DynMM experts must predict the same outputs: expert '{first}' has {widths[first]} outputs and expert "
-                    f"'{n}' has {w}. Drop `num_outputs` from the experts' args."
+                    f"DynMM experts must predict the same outputs: expert '{first}' has {widths[first]} "
+                    f"outputs and expert '{n}' has {w}. Drop `num_outputs` from the experts' args."
                 )
 
     # -- stage I checkpoints (`fusionbench.fusion.dynmm.stage1`) --------------------------------------
@@ -269,7 +272,8 @@ class DynMMFusion(nn.Module):
 
     # -- stage and temperature (driven by the callback) -----------------------------------------------
     def bind_task_loss(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
-        """The task's loss ``fn(logits, target)``; `FusionTask` binds it (stage I trains every expert on it)."""
+        """The task's loss ``fn(logits, target)``; `FusionTask` binds it (stage I trains every expert on
+        it)."""
         self._task_loss = fn
 
     def stage_at(self, epoch: int) -> int:
@@ -335,8 +339,8 @@ class DynMMFusion(nn.Module):
         for name, shape in items[1:]:
             if shape != items[0][1]:
                 raise ConfigError(
-                    f"DynMM experts must predict the same output shape: expert '{items[0][0]}' gives {items[0][1]} per sample and "
-                    f"expert '{name}' gives {shape}."
+                    f"DynMM experts must predict the same output shape: expert '{items[0][0]}' gives "
+                    f"{items[0][1]} per sample and expert '{name}' gives {shape}."
                 )
 
     def _run_all(self, inputs: Mapping[str, Any]) -> dict[str, FusionOutput]:
@@ -376,14 +380,16 @@ class DynMMFusion(nn.Module):
         missing = [m for m in self.modalities if m not in inputs]
         if missing:
             raise ConfigError(
-                f"The batch has modalities {sorted(inputs)} but DynMM needs {self.modalities} (missing {missing})."
+                f"The batch has modalities {sorted(inputs)} but DynMM needs {self.modalities} (missing "
+                f"{missing})."
             )
         self._apply_freeze()
         if self.training and not self.driven and not self._warned:
             self._warned = True
             log.warning(
-                "DynMM is training without fusionbench.fusion.dynmm.callback.DynMMCallback: it stays in stage %d at temperature %.3g. "
-                "Add +callbacks.dynmm={_target_: fusionbench.fusion.dynmm.callback.DynMMCallback}.",
+                "DynMM is training without fusionbench.fusion.dynmm.callback.DynMMCallback: it stays in "
+                "stage %d at temperature %.3g. Add +callbacks.dynmm={_target_: "
+                "fusionbench.fusion.dynmm.callback.DynMMCallback}.",
                 int(self.stage),
                 float(self.temperature),
             )
@@ -459,8 +465,8 @@ class DynMMFusion(nn.Module):
             return output.logits.new_zeros(())
         if self._task_loss is None:
             raise ConfigError(
-                "DynMM's stage I needs the task's loss; train it through fusionbench.task.FusionTask, or call "
-                "model.bind_task_loss(fn) first."
+                "DynMM's stage I needs the task's loss; train it through fusionbench.task.FusionTask, or "
+                "call model.bind_task_loss(fn) first."
             )
         total = output.logits.new_zeros(())
         for name, out in outs.items():

@@ -75,7 +75,8 @@ def time_routing(
     batch_sizes: Sequence[int] = (1,),
     repeats: int = 3,
 ) -> dict[str, Any]:
-    """Milliseconds per sample of routed inference, every expert, the gate and each expert (see the module)."""
+    """Milliseconds per sample of routed inference, every expert, the gate and each expert (see the
+    module)."""
     was_training = model.training
     model.eval()
     try:

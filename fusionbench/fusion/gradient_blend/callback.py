@@ -59,12 +59,13 @@ class GradientBlendCallback(pl.Callback):
 
     @staticmethod
     def blend_model(pl_module: pl.LightningModule) -> GradientBlendFusion | None:
-        """The model's `GradientBlendFusion`; None without one (the callback is in every run and then does nothing)."""
+        """The model's `GradientBlendFusion`; None without one (the callback is in every run and then does
+        nothing)."""
         found = [m for m in pl_module.modules() if isinstance(m, GradientBlendFusion)]
         if len(found) > 1:
             raise ConfigError(
-                f"The gradient-blending callback drives one GradientBlendFusion; this model holds {len(found)}. "
-                "Set callbacks.gradient_blend=null and blend the weights yourself."
+                "The gradient-blending callback drives one GradientBlendFusion; this model holds "
+                f"{len(found)}. Set callbacks.gradient_blend=null and blend the weights yourself."
             )
         return found[0] if found else None
 
@@ -89,7 +90,8 @@ class GradientBlendCallback(pl.Callback):
         dm = trainer.datamodule
         if dm is None:
             raise ConfigError(
-                "The gradient-blending callback reads the train and validation loaders of a datamodule; fit with one."
+                "The gradient-blending callback reads the train and validation loaders of a datamodule; fit "
+                "with one."
             )
         gb = self.blend_model(pl_module)
         was_training = pl_module.training

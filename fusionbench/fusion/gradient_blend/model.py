@@ -13,8 +13,8 @@ Division of work inside fusionbench: this model holds the weights as a buffer (s
 checkpoints) and adds, through ``target_loss(output, target)`` (which `FusionTask` adds to its own
 unit-weight loss on the fused logits), ``(w_fused - 1) * L(fused) + sum_m w_m * L(uni_m)``; the total is
 exactly the blended loss above. The weights are re-estimated every ``gb_epoch`` epochs by
-`fusionbench.fusion.gradient_blend.GradientBlendCallback` from the live model's train and held-out losses of every
-head (`blend_weights_from_losses`). Differences from MultiBench's ``gradient_blend.train``, which
+`fusionbench.fusion.gradient_blend.GradientBlendCallback` from the live model's train and held-out losses of
+every head (`blend_weights_from_losses`). Differences from MultiBench's ``gradient_blend.train``, which
 re-estimates each round by training throw-away copies of the unimodal and multimodal networks for
 ``gb_epoch`` epochs on 92% of train and measures on the other 8%, and fine-tunes a copy of the fused head
 for 25 epochs per round: the estimate here uses the model's own trajectory, the held-out data is the

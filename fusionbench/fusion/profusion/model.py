@@ -121,14 +121,15 @@ class ProFusion(nn.Module):
         unknown = sorted(set(layers) - set(self.base.encoders.keys()))
         if unknown:
             raise ConfigError(
-                f"fusion.join_layer names {unknown}, but the base model's encoders are {list(self.base.encoders)}."
+                f"fusion.join_layer names {unknown}, but the base model's encoders are "
+                f"{list(self.base.encoders)}."
             )
         for m in targets:
             encoder = self.base.encoders[m]
             if not hasattr(encoder, "attach_context"):
                 raise ConfigError(
-                    f"The '{m}' encoder ({type(encoder).__name__}) cannot take a context; Pro-Fusion needs encoders "
-                    "that subclass fusionbench.encoders.ContextEncoder."
+                    f"The '{m}' encoder ({type(encoder).__name__}) cannot take a context; Pro-Fusion needs "
+                    "encoders that subclass fusionbench.encoders.ContextEncoder."
                 )
             encoder.attach_context(self.context_dim, layers.get(m, 0))
         source = {
