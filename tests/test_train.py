@@ -11,6 +11,7 @@ import sys
 
 import pytest
 from conftest import FAST, compose_cfg
+from omegaconf import OmegaConf
 
 from fusionbench import ROOT
 from fusionbench.errors import ConfigError, TrainingError
@@ -179,6 +180,10 @@ def test_multirun_seed_sweep_into_deterministic_folders(tmp_path):
         json.loads(p.read_text())["seed"] for p in tmp_path.glob("baselines_rosmap_mirna/seed=*/metrics.json")
     )
     assert seeds == [0, 1]
+    # a table row (configs/tables/baselines_rosmap.yaml): its recipe with the row's overrides, under its name
+    ran = OmegaConf.load(tmp_path / "baselines_rosmap_mirna/seed=0/.hydra/config.yaml")
+    assert ran.experiment_name == "baselines_rosmap_mirna" and list(ran.dataset.modalities) == ["mirna"]
+    assert ran.fusion._target_.endswith("UnimodalModel") and ran.trainer.max_epochs == 2
 
 
 def test_deq_run_writes_convergence_diagnostics(make_cfg):
