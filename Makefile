@@ -1,21 +1,33 @@
-# `make train` and `make test` create .venv and install everything on first use.
+# `make train` and `make test` create .venv and install everything on first use:
+# fusionbench with all its extras and the dev tools, at the versions pinned in constraints.txt.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help install train test test-full lint format tables clean
+.PHONY: help install constraints train test test-full lint format tables clean
 
 help: ## list targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -e ".[all,dev]" -c constraints.txt
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv with the package and all dependencies
+install: $(STAMP) ## create .venv with the package, every extra and the dev tools (pinned by constraints.txt)
+
+# torch and what comes with it stay unpinned: see the top of constraints.txt.
+UNPINNED := ^(pip|torch|torchvision|triton|nvidia-[a-z0-9-]*|cuda-[a-z0-9-]*)==
+constraints: ## re-pin constraints.txt: newest versions of .[all,dev] that resolve, from a scratch venv
+	set -e; v=$$(mktemp -d); trap 'rm -rf "$$v"' EXIT; \
+	$(PYTHON) -m venv "$$v"; \
+	"$$v/bin/pip" install --upgrade pip; \
+	"$$v/bin/pip" install -e ".[all,dev]"; \
+	{ grep '^#' constraints.txt; "$$v/bin/pip" freeze --all --exclude-editable \
+		| grep -v '^#' | grep -viE '$(UNPINNED)'; } > constraints.txt.new; \
+	mv constraints.txt.new constraints.txt
 
 train: $(STAMP) ## run the default job (DEQ fusion on ROSMAP)
 	$(PY) train.py $(ARGS)

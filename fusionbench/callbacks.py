@@ -10,7 +10,9 @@ knows no method by name."""
 from __future__ import annotations
 
 import logging
+import os
 import random
+import signal
 from typing import Any
 
 import numpy as np
@@ -24,6 +26,17 @@ log = logging.getLogger("fusionbench")
 def _numpy_state() -> tuple:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return name, torch.from_numpy(keys.copy()), int(pos), int(has_gauss), float(cached)
+
+
+def _interrupt_if_asked(trainer: pl.Trainer) -> None:
+    """Fault injection for resume tests, outside the config so that it does not change the run's config hash:
+    ``FUSIONBENCH_KILL_AFTER_EPOCH=k`` sends this process ``FUSIONBENCH_KILL_SIGNAL`` (``KILL`` as a crash
+    does, or ``INT`` as Ctrl-C does) once epoch k's ``last.ckpt`` is written."""
+    epoch = os.environ.get("FUSIONBENCH_KILL_AFTER_EPOCH")
+    if epoch is not None and trainer.current_epoch == int(epoch) and not trainer.sanity_checking:
+        name = os.environ.get("FUSIONBENCH_KILL_SIGNAL", "KILL")
+        log.warning("FUSIONBENCH_KILL_AFTER_EPOCH=%s: sending SIG%s to this process", epoch, name)
+        os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
 
 
 class EpochCheckpoint(ModelCheckpoint):
@@ -50,11 +63,13 @@ class EpochCheckpoint(ModelCheckpoint):
         super().on_validation_end(trainer, pl_module)
         if not self._should_save_on_train_epoch_end(trainer):
             self._save_last_if_missed(trainer)
+            _interrupt_if_asked(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
         if self._should_save_on_train_epoch_end(trainer):
             self._save_last_if_missed(trainer)
+            _interrupt_if_asked(trainer)
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -78,3 +93,22 @@ class EpochCheckpoint(ModelCheckpoint):
         name, keys, pos, has_gauss, cached = state["numpy"]
         np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
         random.setstate(state["python"])
+
+
+class EpochLog(pl.Callback):
+    """One line per epoch in the run's log (``train.log`` beside the record): the epoch's logged metrics, so a
+    run sent to a file (as on SLURM, without a progress bar) shows its progress."""
+
+    def __init__(self, keys: tuple[str, ...] = ("train/loss", "val/loss")) -> None:
+        self.keys = tuple(keys)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        metrics = trainer.callback_metrics
+        monitor = getattr(trainer.checkpoint_callback, "monitor", None)
+        shown = [k for k in (*self.keys, monitor) if k and k in metrics]
+        values = ", ".join(f"{k}={float(metrics[k]):.4g}" for k in dict.fromkeys(shown))
+        log.info(
+            "epoch %d/%s: %s", trainer.current_epoch, trainer.max_epochs, values or "(no metrics logged)"
+        )

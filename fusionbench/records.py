@@ -18,14 +18,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from fusionbench import ROOT, __version__
 from fusionbench.compute import model_compute
+from fusionbench.errors import FusionbenchError
 
 RECORD_NAME = "metrics.json"
+EVALUATION_NAME = "evaluation.json"  # train=false: an evaluation never replaces the training record
 RECORD_VERSION = 1
 
 
 class RunRecord:
-    def __init__(self, output_dir: str | Path) -> None:
-        self.path = Path(output_dir) / RECORD_NAME
+    def __init__(self, output_dir: str | Path, name: str = RECORD_NAME) -> None:
+        self.path = Path(output_dir) / name
 
     def is_complete(self) -> bool:
         try:
@@ -47,11 +49,24 @@ def write_json(
     reader (or a run resumed after a kill) sees the old file or the whole new one, never half of it. Run
     records allow NaN (a diverged metric is still a result); artefacts that tables plot pass
     ``allow_nan=False``."""
+    write_text(path, json.dumps(data, indent=indent, sort_keys=sort_keys, allow_nan=allow_nan) + "\n")
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path`` (atomic)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=indent, sort_keys=sort_keys, allow_nan=allow_nan) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise FusionbenchError(
+            f"Could not write {path}: {exc.strerror or exc}. Free disk space or make the folder writable "
+            "(or point `paths.results_dir=` / `hydra.run.dir=` elsewhere); the run's checkpoints are kept, "
+            "so the same command resumes it."
+        ) from exc
 
 
 def git_state() -> dict[str, Any]:
@@ -92,6 +107,26 @@ def _float(v: Any) -> float:
     return float(v.item() if isinstance(v, torch.Tensor) else v)
 
 
+def _best_from_checkpoint(state: dict[str, Any], ckpt_cb: Any) -> dict[str, Any] | None:
+    """The best validation value as the checkpoint callback saved it in ``last.ckpt``."""
+    for key, cb_state in (state.get("callbacks") or {}).items():
+        if not (isinstance(cb_state, dict) and cb_state.get("best_model_score") is not None):
+            continue
+        if ckpt_cb.monitor and ckpt_cb.monitor not in str(key):
+            continue
+        best_path = cb_state.get("best_model_path")
+        epoch = None
+        if best_path and Path(best_path).is_file():
+            epoch = torch.load(best_path, map_location="cpu", weights_only=False).get("epoch")
+        return {
+            "metric": ckpt_cb.monitor,
+            "mode": ckpt_cb.mode,
+            "value": _float(cb_state["best_model_score"]),
+            "epoch": epoch,
+        }
+    return None
+
+
 def runtime_info(
     cfg,
     dm,
@@ -119,6 +154,8 @@ def runtime_info(
     if cfg.train and last.is_file():  # ddp_spawn does not hand loop progress back to the main process
         state = torch.load(last, map_location="cpu", weights_only=False)
         epochs, steps = max(epochs, state["epoch"] + 1), max(steps, state["global_step"])
+        if best_val is None and ckpt_cb is not None:  # nor the checkpoint callback's best score
+            best_val = _best_from_checkpoint(state, ckpt_cb)
     params = list(task.model.parameters())
     return {
         "status": "complete",

@@ -6,6 +6,7 @@ The dataset's ``task_type`` picks the loss and the metric collection; the fusion
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
@@ -74,6 +75,19 @@ class FusionTask(pl.LightningModule):
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+        # wall time of earlier attempts (from the checkpoint a run resumes) and the start of this one
+        self.wall_time_before_s = 0.0
+        self.attempt_start = time.time()
+
+    def wall_time_s(self) -> float:
+        """Seconds spent on this run, over every attempt up to its last checkpoint and this one."""
+        return self.wall_time_before_s + time.time() - self.attempt_start
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["fusionbench_wall_time_s"] = self.wall_time_s()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.wall_time_before_s = float(checkpoint.get("fusionbench_wall_time_s", 0.0))
 
     def forward(self, inputs: Mapping[str, torch.Tensor]):
         return self.model(inputs)

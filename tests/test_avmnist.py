@@ -320,10 +320,8 @@ def test_missing_files_name_the_build_command(tmp_path):
         from_config(tmp_path / "nowhere").prepare_data()
     msg = str(e.value)
     assert "train_labels.npy" in msg and "audio/test_data.npy" in msg and str(tmp_path / "nowhere") in msg
-    assert (
-        "python scripts/prepare_data.py avmnist --mnist ../shared/data/mnist --fsdd ../shared/data/fsdd"
-        in msg
-    )
+    assert "python scripts/prepare_data.py avmnist --mnist DIR --fsdd DIR" in msg
+    assert "free-spoken-digit-dataset" in msg and "avmnist.tar.gz" in msg  # where a user gets the sources
 
 
 def test_wrong_shapes_are_explained(tmp_path):

@@ -20,8 +20,9 @@ def test_load_run_restores_the_tested_checkpoint(make_cfg):
     cfg = make_cfg([*FAST, "fusion=concat", "trainer.max_epochs=3"])
     result, _ = train(cfg)
     run = Path(cfg.paths.output_dir)
-    (run / ".hydra").mkdir()
-    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")  # what Hydra writes beside every run
+    assert (
+        OmegaConf.load(run / ".hydra" / "config.yaml") == cfg
+    )  # written by the run (fusionbench.run_folder)
     ckpt = selected_checkpoint(run)
     assert ckpt.name == result["test_checkpoint"] and ckpt.parent == run / "checkpoints"
     loaded_cfg, dm, task = load_run(run, {"dataset.batch_size": 7})

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import FAST, compose_cfg
@@ -65,16 +66,32 @@ def test_training_learns_and_writes_a_complete_record(make_cfg):
     assert record["test_checkpoint"].startswith("epoch")  # the best checkpoint, not the last weights
 
 
-def test_interrupted_run_resumes_and_finished_run_is_not_rerun(make_cfg):
-    cfg = make_cfg(["dataset=synthetic", *FAST, "trainer.max_epochs=3"], sub="table_run")
-    first, objs = train(cfg)
-    steps_per_epoch = objs["trainer"].num_training_batches
-    out = cfg.paths.output_dir
-    # simulate an interruption after epoch 3: the checkpoint is there, the record is not
-    os.remove(os.path.join(out, "metrics.json"))
-    cfg.trainer.max_epochs = 5
+def interrupt_after(monkeypatch, epoch: int, signal_name: str = "INT") -> None:
+    """The run stops as Ctrl-C would, once epoch ``epoch``'s last.ckpt is written (fusionbench.callbacks)."""
+    monkeypatch.setenv("FUSIONBENCH_KILL_AFTER_EPOCH", str(epoch))
+    monkeypatch.setenv("FUSIONBENCH_KILL_SIGNAL", signal_name)
+
+
+def interrupted(cfg, monkeypatch, epoch: int) -> None:
+    import signal
+
+    interrupt_after(monkeypatch, epoch)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):  # Lightning's graceful shutdown after a KeyboardInterrupt
+            train(cfg)
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning leaves SIGINT ignored
+        monkeypatch.delenv("FUSIONBENCH_KILL_AFTER_EPOCH")
+    assert not os.path.exists(os.path.join(cfg.paths.output_dir, "metrics.json"))  # no record of half a run
+
+
+def test_interrupted_run_resumes_and_finished_run_is_not_rerun(make_cfg, monkeypatch):
+    cfg = make_cfg(["dataset=synthetic", *FAST, "trainer.max_epochs=5"], sub="table_run")
+    interrupted(cfg, monkeypatch, epoch=2)  # after epochs 0-2
     resumed, objs = train(cfg)
-    assert objs["trainer"].global_step == 5 * steps_per_epoch  # epochs 4-5 only, nothing trained twice
+    steps_per_epoch = objs["trainer"].num_training_batches
+    assert objs["trainer"].global_step == 5 * steps_per_epoch  # epochs 3-4 only, nothing trained twice
     assert resumed["epochs_trained"] == 5
     again, objs = train(cfg)  # a relaunch of a finished run returns its record untouched
     assert objs == {} and again == json.loads(json.dumps(resumed))
@@ -136,6 +153,13 @@ def test_ddp_sim_trains_on_two_processes(make_cfg):
     assert set(result["metrics"]) >= {"test/acc", "test/loss"}
     with open(os.path.join(cfg.paths.output_dir, "metrics.json")) as f:
         assert json.load(f)["status"] == "complete"
+    # the spawned processes' best checkpoint reaches the record (and a sweep's objective) through last.ckpt
+    best = result["best_val"]
+    assert (
+        best["metric"] == cfg.dataset.monitor.metric
+        and math.isfinite(best["value"])
+        and best["epoch"] in (0, 1)
+    )
 
 
 def test_ddp_sim_trains_profusion_around_mfas(make_cfg):
@@ -374,22 +398,26 @@ def test_dynmm_row_starts_from_the_expert_rows_checkpoints(make_cfg, mmimdb_fixt
     ] == pytest.approx(1.0)
 
 
-def test_last_checkpoint_is_the_latest_epoch_and_a_resumed_run_matches_an_uninterrupted_one(make_cfg):
+def test_last_checkpoint_is_the_latest_epoch_and_a_resumed_run_matches_an_uninterrupted_one(
+    make_cfg, monkeypatch
+):
     import torch
 
-    common = ["dataset=synthetic", "fusion=deq", "seed=5", *FAST, "callbacks.early_stopping.patience=100"]
-    whole, _ = train(make_cfg([*common, "trainer.max_epochs=4"], sub="whole"))
-    cfg = make_cfg([*common, "trainer.max_epochs=2"], sub="split")
-    train(cfg)
+    common = ["dataset=synthetic", "fusion=deq", "seed=5", *FAST, "trainer.max_epochs=4", "logger=csv"]
+    common += ["callbacks.early_stopping.patience=100"]
+    whole, _ = train(make_cfg(common, sub="whole"))
+    cfg = make_cfg(common, sub="split")
+    interrupted(cfg, monkeypatch, epoch=1)
     last = os.path.join(cfg.paths.output_dir, "checkpoints", "last.ckpt")
     state = torch.load(last, map_location="cpu", weights_only=True)  # RNG states stored as plain tensors
     assert state["epoch"] == 1 and "fusionbench_rng" in state  # the latest epoch, whatever the best one was
-    os.remove(os.path.join(cfg.paths.output_dir, "metrics.json"))  # killed after epoch 2
-    cfg.trainer.max_epochs = 4
     resumed, _ = train(cfg)
     assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 3
     assert resumed["metrics"] == whole["metrics"]  # nothing lost, nothing counted twice
     assert resumed["best_val"] == whole["best_val"] and resumed["global_steps"] == whole["global_steps"]
+    history = (Path(cfg.paths.output_dir) / "csv" / "metrics.csv").read_text().splitlines()
+    epochs = {line.split(",")[history[0].split(",").index("epoch")] for line in history[1:]}
+    assert {"0", "1", "2", "3"} <= epochs  # the CSV history of both attempts, appended
 
 
 def test_deq_run_records_solver_convergence_per_epoch(make_cfg, caplog):

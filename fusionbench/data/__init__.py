@@ -1,4 +1,5 @@
 """Datamodules, one file per dataset family; `base.py` holds the contract and the file guard."""
+
 from fusionbench.data.avmnist import AVMNISTDataModule
 from fusionbench.data.base import FusionDataModule, TensorDictDataset
 from fusionbench.data.generative import GenerativeDataModule

@@ -12,6 +12,7 @@ validation accuracy is optimistic (near 100% for a LeNet); the test speaker is u
 The audio arrays stay uint8 in memory (0.75 GB for train instead of 3 GB as float32); samples are
 converted to float32 one at a time in `__getitem__`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -109,12 +110,16 @@ class AVMNISTDataModule(FusionDataModule):
                 raise DatasetError(
                     f"{manifest_path} is unreadable or incomplete ({e!r}); rebuild with `{BUILD_COMMAND}`."
                 ) from None
-            bad = [f for f, h in recorded.items() if self.verify_checksums and sha256_file(self.data_dir / f) != h]
+            bad = [
+                f
+                for f, h in recorded.items()
+                if self.verify_checksums and sha256_file(self.data_dir / f) != h
+            ]
             if bad:
                 raise DatasetError(
-                    f"AV-MNIST in {self.data_dir} is corrupt: {', '.join(bad)} do(es) not match the sha256 in "
-                    f"manifest.json. Rebuild it with `{BUILD_COMMAND}` (or set `dataset.verify_checksums=false` "
-                    "to run on deliberately modified arrays)."
+                    f"AV-MNIST in {self.data_dir} is corrupt: {', '.join(bad)} do(es) not match the sha256 "
+                    f"in manifest.json. Rebuild it with `{BUILD_COMMAND}` (or set "
+                    "`dataset.verify_checksums=false` to run on deliberately modified arrays)."
                 )
             self.data_checksum = sha256_file(manifest_path)
         else:  # official MultiBench files: identify them by their content
@@ -126,13 +131,24 @@ class AVMNISTDataModule(FusionDataModule):
     def _open(self, name: str) -> np.ndarray:
         try:
             return np.load(self.data_dir / name, mmap_mode="r" if self.mmap else None, allow_pickle=False)
-        except ValueError as e:
-            raise DatasetError(f"{self.data_dir / name} is not a readable .npy array ({e}). {self.how_to_get}") from None
+        except (ValueError, OSError, EOFError) as e:
+            raise DatasetError(
+                f"{self.data_dir / name} is not a readable .npy array ({e}). {self.how_to_get}"
+            ) from None
+
+    def _header(self, name: str) -> np.ndarray:
+        """The array mapped, not read: its header and size (a truncated file fails here)."""
+        try:
+            return np.load(self.data_dir / name, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise DatasetError(
+                f"{self.data_dir / name} is not a readable .npy array ({e}). {self.how_to_get}"
+            ) from None
 
     def _check_shapes(self) -> None:
         """Row counts agree and every array has its MultiBench shape (read from the headers only)."""
         for split in ("train", "test"):
-            labels = np.load(self.data_dir / f"{split}_labels.npy", mmap_mode="r", allow_pickle=False)
+            labels = self._header(f"{split}_labels.npy")
             n = len(labels)
             if labels.ndim != 1 or (split in self.num_samples and n != self.num_samples[split]):
                 want = self.num_samples.get(split, "N")
@@ -142,7 +158,7 @@ class AVMNISTDataModule(FusionDataModule):
                 )
             for m in self.modalities:
                 name = f"{m}/{split}_data.npy"
-                shape = np.load(self.data_dir / name, mmap_mode="r", allow_pickle=False).shape
+                shape = self._header(name).shape
                 if shape != (n, *SHAPES[m]):
                     raise DatasetError(
                         f"{self.data_dir / name} ({m}) has shape {shape}, expected {(n, *SHAPES[m])} "
@@ -153,12 +169,14 @@ class AVMNISTDataModule(FusionDataModule):
         labels = {s: self._open(f"{s}_labels.npy").astype(np.int64) for s in ("train", "test")}
         for s, y in labels.items():
             if y.size and (y.min() < 0 or y.max() > 9):
-                raise DatasetError(f"{self.data_dir / f'{s}_labels.npy'} has labels outside 0..9. {self.how_to_get}")
+                raise DatasetError(
+                    f"{self.data_dir / f'{s}_labels.npy'} has labels outside 0..9. {self.how_to_get}"
+                )
         n_train = len(labels["train"])
         if not 0 < self.num_train < n_train:
             raise DatasetError(
-                f"dataset.num_train={self.num_train} must leave both a training and a validation split of the "
-                f"{n_train} train rows; use e.g. {max(1, n_train - n_train // 12)}."
+                f"dataset.num_train={self.num_train} must leave both a training and a validation split of "
+                f"the {n_train} train rows; use e.g. {max(1, n_train - n_train // 12)}."
             )
         arrays = {s: {m: self._open(f"{m}/{s}_data.npy") for m in self.modalities} for s in ("train", "test")}
         self.train_set = AVMNISTSplit(arrays["train"], labels["train"], range(self.num_train))

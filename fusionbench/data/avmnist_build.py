@@ -22,15 +22,25 @@ factor 0.009). ESC-50 is not available here, so each row gets seeded Gaussian wh
 SNR (default 10 dB) relative to the clip's RMS, drawn from ``numpy.random.default_rng([seed, split,
 1, row])``. Procedure-faithful, not bit-identical; the manifest and PROVENANCE.md say so too.
 
-Everything is staged in a temporary folder beside the target and renamed into place only after the
-manifest (written last) is complete, so a failed build leaves neither ``avmnist/`` nor a temp folder.
+**Complete sources only.** Every recording listed in FSDD's ``SHA256SUMS`` must be present (without
+that file: every speaker used must have the same takes 0..n-1 of every digit), so a copy that lost a
+file stops the build instead of silently yielding a build from fewer clips.
+
+Everything is staged in a hidden folder ``.avmnist-XXXXXXXX`` beside the target (holding an ``OWNER``
+file with the builder's host and process id) and renamed into place only after the manifest (written
+last) is complete, so a failed build leaves neither ``avmnist/`` nor a staging folder. A build that was
+killed outright (SIGKILL, power loss) cannot clean up; the next build removes such stale staging folders.
 """
+
 from __future__ import annotations
 
 import gzip
 import hashlib
 import json
+import os
 import re
+import shutil
+import socket
 import struct
 import tempfile
 import wave
@@ -55,16 +65,20 @@ SPLIT_CODE = {"train": 0, "test": 1}  # part of every seed, so train and test st
 IDX_MAGIC = {"images": 0x803, "labels": 0x801}
 MNIST_STEMS = {"train": "train", "test": "t10k"}
 CLIP_NAME = re.compile(r"^(\d)_([A-Za-z]+)_(\d+)\.wav$")
+STAGING_OWNER = "OWNER"  # JSON {"host", "pid"} of the build that owns a staging folder
 NOISE_NOTE = (
     "ESC-50 background noise (used by the original CentralNet/MFAS AV-MNIST) is not available; "
     "each row is mixed instead with seeded Gaussian white noise at noise_snr_db relative to the "
     "clip's RMS (numpy default_rng([seed, split(0 train, 1 test), 1, row])). Procedure-faithful, "
     "not bit-identical to the MultiBench files."
 )
-BUILD_COMMAND = "python scripts/prepare_data.py avmnist --mnist ../shared/data/mnist --fsdd ../shared/data/fsdd"
+BUILD_COMMAND = (
+    "python scripts/prepare_data.py avmnist --mnist ../shared/data/mnist --fsdd ../shared/data/fsdd"
+)
 
 
 # -- MNIST ------------------------------------------------------------------------------------
+
 
 def _idx_bytes(path: Path) -> bytes:
     """File content, decompressed if it is gzip (detected by its magic, whatever the name says)."""
@@ -120,11 +134,17 @@ def read_mnist(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, dict[s
         sources[path.name] = {"sha256": sha256_file(path), "content_sha256": hashlib.sha256(data).hexdigest()}
     images, labels = arrays["images"], arrays["labels"]
     if images.shape[1:] != (28, 28):
-        raise DatasetError(f"MNIST {split} images are {images.shape[1:]}, expected 28 x 28; re-obtain the file.")
+        raise DatasetError(
+            f"MNIST {split} images are {images.shape[1:]}, expected 28 x 28; re-obtain the file."
+        )
     if len(images) != len(labels):
-        raise DatasetError(f"MNIST {split} has {len(images)} images but {len(labels)} labels; re-obtain both files.")
+        raise DatasetError(
+            f"MNIST {split} has {len(images)} images but {len(labels)} labels; re-obtain both files."
+        )
     if labels.size and labels.max() > 9:
-        raise DatasetError(f"MNIST {split} labels contain {int(labels.max())}; digits are 0..9. Re-obtain the file.")
+        raise DatasetError(
+            f"MNIST {split} labels contain {int(labels.max())}; digits are 0..9. Re-obtain the file."
+        )
     return images, labels.astype(np.int64), sources
 
 
@@ -154,6 +174,7 @@ def pca_degrade(images: np.ndarray, energy_kept: float = 0.25) -> tuple[np.ndarr
 
 # -- FSDD -------------------------------------------------------------------------------------
 
+
 def read_wav(path: Path) -> np.ndarray:
     """int16 samples of an 8 kHz mono 16-bit WAV; anything else is refused (the spectrogram's bins
     assume 8 kHz)."""
@@ -174,7 +195,9 @@ def read_wav(path: Path) -> np.ndarray:
 def list_clips(recordings: Path, speakers: Sequence[str]) -> dict[int, list[Path]]:
     """``{digit: [paths]}`` of ``{digit}_{speaker}_{index}.wav`` ordered by (speaker, index)."""
     if not recordings.is_dir():
-        raise DatasetError(f"{recordings} does not exist; point --fsdd at the FSDD folder that holds recordings/.")
+        raise DatasetError(
+            f"{recordings} does not exist; point --fsdd at the FSDD folder that holds recordings/."
+        )
     found: dict[int, list[tuple[str, int, Path]]] = {d: [] for d in range(10)}
     for p in recordings.iterdir():
         m = CLIP_NAME.match(p.name)
@@ -183,7 +206,8 @@ def list_clips(recordings: Path, speakers: Sequence[str]) -> dict[int, list[Path
     empty = [d for d, clips in found.items() if not clips]
     if empty:
         raise DatasetError(
-            f"{recordings} has no recordings of digit(s) {empty} by speakers {list(speakers)}; check the FSDD copy."
+            f"{recordings} has no recordings of digit(s) {empty} by speakers {list(speakers)}; "
+            "check the FSDD copy."
         )
     return {d: [p for *_, p in sorted(clips)] for d, clips in found.items()}
 
@@ -224,7 +248,9 @@ def spectrogram(x: np.ndarray) -> np.ndarray:
     return quantise(frame(x))
 
 
-def add_noise(x: np.ndarray, snr_db: float, rng: np.random.Generator, ref: np.ndarray | None = None) -> np.ndarray:
+def add_noise(
+    x: np.ndarray, snr_db: float, rng: np.random.Generator, ref: np.ndarray | None = None
+) -> np.ndarray:
     """``x`` plus white Gaussian noise ``snr_db`` below the RMS of ``ref`` (default ``x``; the build
     passes the unpadded clip so zero padding does not lower the noise level)."""
     x = np.asarray(x, dtype=np.float64)
@@ -253,7 +279,8 @@ def make_audio(
         hi = min(lo + chunk, len(sources))
         for i in range(lo, hi):
             clip = wavs[sources[i]].astype(np.float64)
-            x = np.pad(clip, (0, max(0, N_FFT + N_FRAMES - 1 - len(clip))))  # the noise covers the padding too
+            # the noise covers the padding too
+            x = np.pad(clip, (0, max(0, N_FFT + N_FRAMES - 1 - len(clip))))
             if snr_db is not None:
                 x = add_noise(x, snr_db, np.random.default_rng([seed, SPLIT_CODE[split], 1, i]), ref=clip)
             buf[i - lo] = frame(x)
@@ -262,6 +289,7 @@ def make_audio(
 
 
 # -- build ------------------------------------------------------------------------------------
+
 
 def _save(folder: Path, rel: str, array: np.ndarray, files: dict) -> None:
     path = folder / rel
@@ -273,7 +301,8 @@ def _save(folder: Path, rel: str, array: np.ndarray, files: dict) -> None:
 def _provenance(manifest: dict) -> str:
     p = manifest["params"]
     mnist = "\n".join(
-        f"| `{n}` | `{s['sha256']}` | `{s['content_sha256']}` |" for n, s in manifest["sources"]["mnist"].items()
+        f"| `{n}` | `{s['sha256']}` | `{s['content_sha256']}` |"
+        for n, s in manifest["sources"]["mnist"].items()
     )
     files = "\n".join(
         f"| `{n}` | {tuple(f['shape'])} {f['dtype']} | `{f['sha256']}` |"
@@ -287,51 +316,144 @@ Rebuilt from MNIST (LeCun et al. 1998) and FSDD (Jakobovski et al., CC BY-SA 4.0
 MultiBench npy layout. Derived data: the licences of both sources apply (MNIST is commonly
 redistributed under CC BY-SA 3.0, FSDD is CC BY-SA 4.0). Local build only; not redistributed.
 
-Rebuild: `{manifest['command']}`
+Rebuild: `{manifest["command"]}`
 
 ## Recipe
 - image: PCA fitted separately on train and test; each image is reconstructed from the leading
-  components whose cumulative explained variance first exceeds {p['energy_kept']} (kept: train
-  {p['pca_components']['train']}, test {p['pca_components']['test']}); clipped to [0, 255], float32, 784 per row.
-- audio: speakers {', '.join(p['train_speakers'])} (train) and {', '.join(p['test_speakers'])} (test); per digit
-  ordered by (speaker, index), shuffled with seed {p['seed']}, MNIST row i takes the next clip of its label.
+  components whose cumulative explained variance first exceeds {p["energy_kept"]} (kept: train
+  {p["pca_components"]["train"]}, test {p["pca_components"]["test"]}); clipped to [0, 255], float32, 784 per row.
+- audio: speakers {", ".join(p["train_speakers"])} (train) and {", ".join(p["test_speakers"])} (test); per digit
+  ordered by (speaker, index), shuffled with seed {p["seed"]}, MNIST row i takes the next clip of its label.
   Clip used by each row: `audio/train_sources.txt`, `audio/test_sources.txt`.
-- spectrogram: {p['spectrogram']}
+- spectrogram: {p["spectrogram"]}
 - splits (done by the loader, as MultiBench): train = first 55,000 train rows, val = the last 5,000, test = test.
   The validation rows hear the same clips (and speakers) as the training rows, only with other noise,
   so audio validation accuracy is optimistic; test is an unseen speaker.
 
 ## Noise substitution
-{manifest['noise']} noise_snr_db = {p['noise_snr_db']}.
+{manifest["noise"]} noise_snr_db = {p["noise_snr_db"]}.
 
 ## Sources (sha256 of the file as stored / of the decompressed IDX content)
 | MNIST file | sha256 | content sha256 |
 | --- | --- | --- |
 {mnist}
 
-FSDD: {manifest['sources']['fsdd']['wavs_used']} WAVs used; sha256 over their `sha256sum` lines
-`{manifest['sources']['fsdd']['wavs_sha256']}`; SHA256SUMS file `{manifest['sources']['fsdd']['SHA256SUMS']}`.
+FSDD: {manifest["sources"]["fsdd"]["wavs_used"]} WAVs used; sha256 over their `sha256sum` lines
+`{manifest["sources"]["fsdd"]["wavs_sha256"]}`; SHA256SUMS file `{manifest["sources"]["fsdd"]["SHA256SUMS"]}`.
 
 ## Files
 | file | shape dtype | sha256 |
 | --- | --- | --- |
 {files}
-"""
+"""  # noqa: E501 (a Markdown template: its lines are the file's lines)
 
 
-def _check_against_sums(fsdd_dir: Path, used: dict[Path, str]) -> str | None:
-    """Compare the used WAVs with FSDD's SHA256SUMS when present; return the file's own sha256."""
+def read_sums(fsdd_dir: Path) -> dict[str, str] | None:
+    """FSDD's ``SHA256SUMS`` (``sha256sum`` output) as ``{relative path: digest}``; None without it."""
     sums_path = fsdd_dir / "SHA256SUMS"
     if not sums_path.is_file():
         return None
     published = {}
     for line in sums_path.read_text().splitlines():
         digest, _, name = line.strip().partition("  ")
-        published[Path(name.lstrip("*")).name] = digest
-    bad = [p.name for p, h in used.items() if p.name in published and published[p.name] != h]
+        if digest and name:
+            published[name.lstrip("*")] = digest
+    return published
+
+
+def _named(names: Sequence[str], limit: int = 5) -> str:
+    """``a, b, c and 7 more`` for messages that name missing files."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_fsdd_complete(fsdd_dir: Path, published: Mapping[str, str] | None, speakers: Sequence[str]) -> None:
+    """Raise unless the FSDD copy is complete: every file ``SHA256SUMS`` lists is present, or (without
+    that list) every speaker in ``speakers`` has the same takes 0..n-1 of every digit."""
+    recordings = fsdd_dir / "recordings"
+    if published is not None:
+        missing = sorted(n for n in published if not (fsdd_dir / n).is_file())
+        why = f"listed in {fsdd_dir / 'SHA256SUMS'}"
+    else:
+        takes: dict[tuple[str, int], set[int]] = {}
+        for p in recordings.iterdir() if recordings.is_dir() else ():
+            m = CLIP_NAME.match(p.name)
+            if m and m.group(2) in speakers:
+                takes.setdefault((m.group(2), int(m.group(1))), set()).add(int(m.group(3)))
+        missing = []
+        for s in speakers:
+            n = max((max(takes.get((s, d), {-1})) + 1 for d in range(10)), default=0)
+            missing += [
+                f"recordings/{d}_{s}_{i}.wav"
+                for d in range(10)
+                for i in range(n)
+                if i not in takes.get((s, d), ())
+            ]
+        why = "(there is no SHA256SUMS, so each speaker must have the same takes 0..n-1 of every digit)"
+    if missing:
+        raise DatasetError(
+            f"The FSDD copy in {fsdd_dir} is incomplete: {len(missing)} recording(s) {why} are missing: "
+            f"{_named(missing)}. AV-MNIST is built only from the complete source, so nothing was built. "
+            "Re-obtain the missing files from the free-spoken-digit-dataset repository on GitHub "
+            "(Jakobovski/free-spoken-digit-dataset, folder recordings/) or point --fsdd at a complete copy."
+        )
+
+
+def _check_against_sums(
+    fsdd_dir: Path, published: Mapping[str, str] | None, used: dict[Path, str]
+) -> str | None:
+    """Compare the used WAVs with FSDD's SHA256SUMS when present; return the file's own sha256."""
+    if published is None:
+        return None
+    by_name = {Path(n).name: h for n, h in published.items()}
+    bad = [p.name for p, h in used.items() if by_name.get(p.name, h) != h]
     if bad:
-        raise DatasetError(f"{len(bad)} FSDD recording(s) do not match {sums_path} (e.g. {bad[:3]}); re-obtain them.")
-    return sha256_file(sums_path)
+        raise DatasetError(
+            f"{len(bad)} FSDD recording(s) do not match {fsdd_dir / 'SHA256SUMS'} (e.g. {bad[:3]}); "
+            "re-obtain them from the free-spoken-digit-dataset repository."
+        )
+    return sha256_file(fsdd_dir / "SHA256SUMS")
+
+
+# -- staging ----------------------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def remove_stale_staging(
+    data_root: Path, name: str, log: Callable[[str], None] = lambda msg: None
+) -> list[Path]:
+    """Delete the staging folders ``.{name}-XXXXXXXX`` in ``data_root`` left by builds that were killed
+    outright: those without an ``OWNER`` file (older builds, or killed before writing it) and those
+    whose owner process on this host no longer exists. A running build's folder is kept."""
+    removed = []
+    pattern = re.compile(rf"^\.{re.escape(name)}-[a-z0-9_]{{8}}$")  # tempfile.mkdtemp's names only
+    if not data_root.is_dir():
+        return removed
+    for folder in sorted(p for p in data_root.iterdir() if pattern.match(p.name) and p.is_dir()):
+        try:
+            owner = json.loads((folder / STAGING_OWNER).read_text())
+            host, pid = str(owner["host"]), int(owner["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            host, pid = None, None
+        if host is not None and (host != socket.gethostname() or _pid_alive(pid)):
+            log(f"kept staging folder {folder}: process {pid} on {host} may still be building into it")
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        who = "no owner recorded" if pid is None else f"process {pid} is gone"
+        log(f"removed stale staging folder {folder} of an interrupted build ({who})")
+        removed.append(folder)
+    return removed
 
 
 def build_avmnist(
@@ -347,17 +469,20 @@ def build_avmnist(
     """Build ``data_root/name`` (see the module docstring); returns its path.
 
     Every input is read and checked before anything expensive runs, and the target is replaced only
-    after the whole build succeeded.
+    after the whole build succeeded. Staging folders of killed earlier builds are removed first.
     """
     mnist_dir, fsdd_dir, data_root = Path(mnist_dir), Path(fsdd_dir), Path(data_root)
+    remove_stale_staging(data_root, name, log)
     mnist = {s: read_mnist(mnist_dir, s) for s in ("train", "test")}
     recordings = fsdd_dir / "recordings"
     clips = {"train": list_clips(recordings, TRAIN_SPEAKERS), "test": list_clips(recordings, TEST_SPEAKERS)}
+    published = read_sums(fsdd_dir)
+    check_fsdd_complete(fsdd_dir, published, TRAIN_SPEAKERS + TEST_SPEAKERS)
     sources = {s: pair_clips(mnist[s][1], clips[s], seed, s) for s in ("train", "test")}
     used = sorted({p for s in sources.values() for p in s})
     wavs = {p: read_wav(p) for p in used}
     hashes = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in used}
-    sums_sha = _check_against_sums(fsdd_dir, hashes)
+    sums_sha = _check_against_sums(fsdd_dir, published, hashes)
     log(f"read MNIST ({len(mnist['train'][1])} + {len(mnist['test'][1])}) and {len(used)} FSDD clips")
 
     data_root.mkdir(parents=True, exist_ok=True)
@@ -365,6 +490,9 @@ def build_avmnist(
     files: dict[str, dict] = {}
     ks = {}
     with tempfile.TemporaryDirectory(dir=data_root, prefix=f".{name}-") as tmp:
+        # the owner lets a later build tell a killed build's leftovers from a running build's folder
+        owner = {"host": socket.gethostname(), "pid": os.getpid()}
+        (Path(tmp) / STAGING_OWNER).write_text(json.dumps(owner) + "\n")
         staging = Path(tmp) / name
         staging.mkdir()
         for s in ("train", "test"):
@@ -414,7 +542,8 @@ def build_avmnist(
         }
         (staging / "PROVENANCE.md").write_text(_provenance(manifest))
         files["PROVENANCE.md"] = {"sha256": sha256_file(staging / "PROVENANCE.md")}
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")  # last: marks a complete build
+        # written last: its presence marks a complete build
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
         previous = Path(tmp) / "previous"
         if target.exists():  # park the old build in the temp folder, which is deleted on exit
             target.rename(previous)

@@ -3,6 +3,7 @@
 Batch contract: ``{"inputs": {modality: Tensor}, "target": Tensor}``; modality keys are lowercase
 nouns, and every place where order matters sorts them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,7 +26,9 @@ class TensorDictDataset(Dataset):
     def __init__(self, inputs: Mapping[str, torch.Tensor], target: torch.Tensor) -> None:
         sizes = {m: len(x) for m, x in inputs.items()}
         if any(n != len(target) for n in sizes.values()):
-            raise DatasetError(f"Modalities and targets have different sample counts: {sizes}, target {len(target)}.")
+            raise DatasetError(
+                f"Modalities and targets have different sample counts: {sizes}, target {len(target)}."
+            )
         self.inputs = dict(inputs)
         self.target = target
 
@@ -58,7 +61,9 @@ def verify_checksum(path: Path, expected: str) -> str | None:
     elif kind == "git":
         actual = git_blob_id(path)
     else:
-        raise ValueError(f"Unknown checksum kind {kind!r} for {path.name}; use 'sha256:<hex>' or 'git:<blob id>'.")
+        raise ValueError(
+            f"Unknown checksum kind {kind!r} for {path.name}; use 'sha256:<hex>' or 'git:<blob id>'."
+        )
     return None if actual == value else f"{path.name}: {kind} is {actual}, expected {value}"
 
 
@@ -195,8 +200,9 @@ class FusionDataModule(pl.LightningDataModule):
         return self._loader(self.test_set, shuffle=False)
 
     def robustness_set(self, corrupt: Callable[[Mapping[str, torch.Tensor], int], dict]) -> Dataset:
-        """The test split with ``corrupt(inputs, index)`` applied to every sample (`fusionbench.robustness`).
-        Datasets with a per-sample transform override this to corrupt before it (stocks: before quantising)."""
+        """The test split with ``corrupt(inputs, index)`` applied to every sample
+        (`fusionbench.robustness`). Datasets with a per-sample transform override this to corrupt before it
+        (stocks: before quantising)."""
         from fusionbench.robustness import CorruptedDataset
 
         return CorruptedDataset(self.test_set, corrupt)

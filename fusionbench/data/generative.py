@@ -12,6 +12,7 @@ undoing the corruption needs X_2's information *inside* X_1's encoder: the case 
 are for. The paper does not give d, the widths of X_1, X_2, Y, the lReLU slope or the sample counts;
 the defaults below are ours (stated in the study's table caption).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -25,16 +26,16 @@ from fusionbench.errors import DatasetError
 
 class GenerativeDataModule(FusionDataModule):
     """Args:
-        latent_dim: d, width of Z.
-        x_dims: ``{"x1": n, "x2": n}`` widths of the modalities (rows of W_1 and W_2; equal, as eq. 3 needs).
-        y_dim: width of Y (rows of W_y).
-        eta: corruption strength of X_1 (eq. 3).
-        sigma2: noise level of X_2 (eq. 4).
-        noise_y: standard deviation of eps_y (eq. 5 uses 1).
-        slope: negative slope of the leaky ReLU.
-        num_samples: ``{"train": n, "val": n, "test": n}``.
-        seed: draws W_1, W_2, W_y and the samples; base and Pro-Fusion runs of a trial share it.
-        modalities: optional subset of ``[x1, x2]``.
+    latent_dim: d, width of Z.
+    x_dims: ``{"x1": n, "x2": n}`` widths of the modalities (rows of W_1 and W_2; equal, as eq. 3 needs).
+    y_dim: width of Y (rows of W_y).
+    eta: corruption strength of X_1 (eq. 3).
+    sigma2: noise level of X_2 (eq. 4).
+    noise_y: standard deviation of eps_y (eq. 5 uses 1).
+    slope: negative slope of the leaky ReLU.
+    num_samples: ``{"train": n, "val": n, "test": n}``.
+    seed: draws W_1, W_2, W_y and the samples; base and Pro-Fusion runs of a trial share it.
+    modalities: optional subset of ``[x1, x2]``.
     """
 
     def __init__(
@@ -59,7 +60,8 @@ class GenerativeDataModule(FusionDataModule):
         self.x_dims = dict(x_dims or {"x1": 16, "x2": 16})
         if self.x_dims.get("x1") != self.x_dims.get("x2"):
             raise DatasetError(
-                f"x_dims must give x1 and x2 the same width (eq. 3 subtracts sin(W_2 Z) from X_1), got {self.x_dims}."
+                "x_dims must give x1 and x2 the same width (eq. 3 subtracts sin(W_2 Z) from X_1), "
+                f"got {self.x_dims}."
             )
         self.modalities = self.select_modalities(["x1", "x2"], modalities)
         self.input_dims = {m: int(self.x_dims[m]) for m in self.modalities}
@@ -82,7 +84,11 @@ class GenerativeDataModule(FusionDataModule):
     def sample(self, n: int, w: dict[str, torch.Tensor], g: torch.Generator) -> TensorDictDataset:
         z = 5.0 * torch.rand(n, self.latent_dim, generator=g) - 2.5  # eq. 1
         s = torch.sin(z @ w["w2"].T)
-        x1 = F.leaky_relu(z @ w["w1"].T, self.slope) - 2 * abs(self.eta) * s + torch.randn(n, self.x_dims["x1"], generator=g)
+        x1 = (
+            F.leaky_relu(z @ w["w1"].T, self.slope)
+            - 2 * abs(self.eta) * s
+            + torch.randn(n, self.x_dims["x1"], generator=g)
+        )
         x2 = s + self.sigma2 * torch.randn(n, self.x_dims["x2"], generator=g)
         y = z @ w["wy"].T + self.noise_y * torch.randn(n, self.num_outputs, generator=g)
         inputs = {"x1": x1, "x2": x2}
@@ -91,4 +97,6 @@ class GenerativeDataModule(FusionDataModule):
     def _load(self) -> None:
         g = torch.Generator().manual_seed(self.seed)
         w = self.weights(g)
-        self.train_set, self.val_set, self.test_set = (self.sample(self.num_samples[s], w, g) for s in ("train", "val", "test"))
+        self.train_set, self.val_set, self.test_set = (
+            self.sample(self.num_samples[s], w, g) for s in ("train", "val", "test")
+        )

@@ -10,6 +10,7 @@ Our instantiation (the paper gives no sizes): f(t) = 0.1 + 0.899 sigmoid(g(t)) w
 g(t) = sum_k a_k sin(2 pi k t + phi_k) / sqrt(K), a_k ~ N(0, 1.5^2), phi_k ~ U[0, 2 pi), k = 1..K, so
 f lies in [0.1, 1) and its first non-zero digit is floor(10 f) in 1..9 (classes 0..8).
 """
+
 from __future__ import annotations
 
 import math
@@ -37,12 +38,12 @@ def first_nonzero_digit(x: torch.Tensor) -> torch.Tensor:
 
 class LatticeDataModule(FusionDataModule):
     """Args:
-        lattice_size: D, the number of lattice points (width of the ``function`` modality).
-        embedding_dim: width of the ``position`` modality.
-        harmonics: K, sine components of the random function (its smoothness).
-        num_samples: ``{"train": n, "val": n, "test": n}``.
-        seed: data seed (a trial's base and Pro-Fusion runs share it).
-        modalities: optional subset of ``[function, position]``.
+    lattice_size: D, the number of lattice points (width of the ``function`` modality).
+    embedding_dim: width of the ``position`` modality.
+    harmonics: K, sine components of the random function (its smoothness).
+    num_samples: ``{"train": n, "val": n, "test": n}``.
+    seed: data seed (a trial's base and Pro-Fusion runs share it).
+    modalities: optional subset of ``[function, position]``.
     """
 
     def __init__(
@@ -60,7 +61,11 @@ class LatticeDataModule(FusionDataModule):
         super().__init__(**kwargs)
         self.task_type, self.num_outputs = "multiclass", 9
         self.modalities = self.select_modalities(["function", "position"], modalities)
-        self.lattice_size, self.embedding_dim, self.harmonics = int(lattice_size), int(embedding_dim), int(harmonics)
+        self.lattice_size, self.embedding_dim, self.harmonics = (
+            int(lattice_size),
+            int(embedding_dim),
+            int(harmonics),
+        )
         self.input_dims = {"function": self.lattice_size, "position": self.embedding_dim}
         self.input_dims = {m: self.input_dims[m] for m in self.modalities}
         self.num_samples = dict(num_samples or {"train": 10000, "val": 2000, "test": 2000})
@@ -74,7 +79,9 @@ class LatticeDataModule(FusionDataModule):
         k = torch.arange(1, self.harmonics + 1, dtype=torch.float64)
         amp = 1.5 * torch.randn(n, self.harmonics, generator=g, dtype=torch.float64)
         phase = 2 * math.pi * torch.rand(n, self.harmonics, generator=g, dtype=torch.float64)
-        g_t = (amp[:, :, None] * torch.sin(2 * math.pi * k[None, :, None] * t[None, None] + phase[:, :, None])).sum(1)
+        g_t = (
+            amp[:, :, None] * torch.sin(2 * math.pi * k[None, :, None] * t[None, None] + phase[:, :, None])
+        ).sum(1)
         f = 0.1 + 0.899 * torch.sigmoid(g_t / math.sqrt(self.harmonics))
         pos = torch.randint(0, self.lattice_size, (n,), generator=g)
         label = first_nonzero_digit(f[torch.arange(n), pos]) - 1
@@ -83,4 +90,6 @@ class LatticeDataModule(FusionDataModule):
 
     def _load(self) -> None:
         g = torch.Generator().manual_seed(self.seed)
-        self.train_set, self.val_set, self.test_set = (self.sample(self.num_samples[s], g) for s in ("train", "val", "test"))
+        self.train_set, self.val_set, self.test_set = (
+            self.sample(self.num_samples[s], g) for s in ("train", "val", "test")
+        )

@@ -23,6 +23,7 @@ Non-finite feature values: MultiBench does not clean MM-IMDB (a plot without any
 give a NaN mean). By default they stop the run with a `DatasetError` naming the dataset, the count and
 the first rows; ``nonfinite="zero"`` replaces them with 0 (counted in the run record).
 """
+
 from __future__ import annotations
 
 import json
@@ -47,14 +48,34 @@ NUM_GENRES = 23
 SPLITS = {"train": 15552, "val": 2608, "test": 7799}  # MultiBench's index ranges, in this order
 FILE_SPLIT_NAMES = {"train": "train", "val": "dev", "test": "test"}  # ours -> Fuel's split names
 GENRES = (  # the order commonly hard-coded elsewhere; the loader uses the file's target_names
-    "Drama", "Comedy", "Romance", "Thriller", "Crime", "Action", "Adventure", "Horror", "Documentary", "Mystery",
-    "Sci-Fi", "Fantasy", "Family", "Biography", "War", "History", "Music", "Animation", "Musical", "Western",
-    "Sport", "Short", "Film-Noir",
+    "Drama",
+    "Comedy",
+    "Romance",
+    "Thriller",
+    "Crime",
+    "Action",
+    "Adventure",
+    "Horror",
+    "Documentary",
+    "Mystery",
+    "Sci-Fi",
+    "Fantasy",
+    "Family",
+    "Biography",
+    "War",
+    "History",
+    "Music",
+    "Animation",
+    "Musical",
+    "Western",
+    "Sport",
+    "Short",
+    "Film-Noir",
 )
 HOW_TO_GET = (
-    "Download multimodal_imdb.hdf5 (archive.org item 'mmimdb', linked from the README of johnarevalo/gmu-mmimdb "
-    "and from MultiBench's MM-IMDB instructions; several GB) and put it in this folder; fusionbench never "
-    "downloads it."
+    "Download multimodal_imdb.hdf5 (archive.org item 'mmimdb', linked from the README of "
+    "johnarevalo/gmu-mmimdb and from MultiBench's MM-IMDB instructions; several GB) and put it in this "
+    "folder; fusionbench never downloads it."
 )
 NONFINITE = ("error", "zero")
 
@@ -126,7 +147,9 @@ class MMIMDBDataModule(FusionDataModule):
         self.file = str(file)
         self.modalities = self.select_modalities(sorted(DATASETS), modalities)
         self.input_dims = {m: DIMS[m] for m in self.modalities}
-        self.num_samples = check_sizes(num_samples or SPLITS, list(SPLITS), "row counts (consecutive ranges from row 0)")
+        self.num_samples = check_sizes(
+            num_samples or SPLITS, list(SPLITS), "row counts (consecutive ranges from row 0)"
+        )
         self.num_outputs = int(num_labels)
         self.nonfinite = nonfinite
         self.info: dict[str, Any] = {}
@@ -179,14 +202,18 @@ class MMIMDBDataModule(FusionDataModule):
                     )
                 rows[key] = shape[0]
             if len(set(rows.values())) > 1:
-                raise DatasetError(f"{self.path}: datasets have different row counts {rows}; they must be equal. {self.how_to_get}")
+                raise DatasetError(
+                    f"{self.path}: datasets have different row counts {rows}; they must be equal. "
+                    f"{self.how_to_get}"
+                )
             n = next(iter(rows.values()))
             need = sum(self.num_samples.values())
             if need > n:
                 sizes = ", ".join(f"{s} {k}" for s, k in self.num_samples.items())
                 raise DatasetError(
-                    f"{self.path} has {n} rows but dataset.num_samples asks for {need} ({sizes}; consecutive ranges "
-                    f"from row 0). Set `dataset.num_samples` to sizes that fit (MultiBench's file: 15552 / 2608 / 7799)."
+                    f"{self.path} has {n} rows but dataset.num_samples asks for {need} ({sizes}; consecutive "
+                    "ranges from row 0). Set `dataset.num_samples` to sizes that fit (MultiBench's file: "
+                    "15552 / 2608 / 7799)."
                 )
             names = f["genres"].attrs.get("target_names")
             try:
@@ -197,8 +224,10 @@ class MMIMDBDataModule(FusionDataModule):
         expected = {FILE_SPLIT_NAMES[s]: r for s, r in self.ranges().items()}
         if file_splits is not None and {k: file_splits.get(k) for k in expected} != expected:
             log.warning(
-                "mmimdb: the file's split attribute gives %s for 'genres', but dataset.num_samples selects %s.",
-                file_splits, expected,
+                "mmimdb: the file's split attribute gives %s for 'genres', but dataset.num_samples "
+                "selects %s.",
+                file_splits,
+                expected,
             )
         self.info = {"rows": n, "genres": genres, "ranges": self.ranges(), "file_splits": file_splits}
 
@@ -212,7 +241,10 @@ class MMIMDBDataModule(FusionDataModule):
             features = {m: np.asarray(f[DATASETS[m]][:n], dtype=np.float32) for m in self.modalities}
         if not np.isin(genres, (0, 1)).all():
             bad = np.unique(genres[~np.isin(genres, (0, 1))])[:5]
-            raise DatasetError(f"{self.path}: dataset 'genres' must be multi-hot (0/1), found values {bad.tolist()}. {self.how_to_get}")
+            raise DatasetError(
+                f"{self.path}: dataset 'genres' must be multi-hot (0/1), found values {bad.tolist()}. "
+                f"{self.how_to_get}"
+            )
         replaced = {}
         for m, x in features.items():
             bad = ~np.isfinite(x)
@@ -220,9 +252,9 @@ class MMIMDBDataModule(FusionDataModule):
                 rows = np.flatnonzero(bad.any(axis=1))
                 if self.nonfinite == "error":
                     raise DatasetError(
-                        f"{self.path}: dataset '{DATASETS[m]}' ({m}) has {int(bad.sum())} NaN/inf value(s) in "
-                        f"{len(rows)} row(s), first rows {rows[:5].tolist()}. MultiBench does not clean MM-IMDB; set "
-                        "`dataset.nonfinite=zero` to replace them with 0, or re-obtain the file."
+                        f"{self.path}: dataset '{DATASETS[m]}' ({m}) has {int(bad.sum())} NaN/inf value(s) "
+                        f"in {len(rows)} row(s), first rows {rows[:5].tolist()}. MultiBench does not clean "
+                        "MM-IMDB; set `dataset.nonfinite=zero` to replace them with 0, or re-obtain the file."
                     )
                 x[bad] = 0.0
                 replaced[m] = int(bad.sum())
@@ -237,7 +269,9 @@ class MMIMDBDataModule(FusionDataModule):
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()
-        out["mmimdb"] = {k: self.info.get(k) for k in ("rows", "ranges", "file_splits", "genres", "nonfinite_replaced")}
+        out["mmimdb"] = {
+            k: self.info.get(k) for k in ("rows", "ranges", "file_splits", "genres", "nonfinite_replaced")
+        }
         return out
 
 
@@ -260,8 +294,10 @@ def write_fixture(
     n = sum(sizes.values())
     genres = (rng.random((n, NUM_GENRES)) < 0.2).astype(np.int32)
     genres[np.arange(n), rng.integers(0, NUM_GENRES, n)] = 1  # every movie has at least one genre
-    text = (genres @ rng.normal(size=(NUM_GENRES, DIMS["text"])) * 0.1 + rng.normal(0, 0.05, (n, DIMS["text"])))
-    image = np.maximum(genres @ rng.normal(size=(NUM_GENRES, DIMS["image"])), 0) + rng.random((n, DIMS["image"]))
+    text = genres @ rng.normal(size=(NUM_GENRES, DIMS["text"])) * 0.1 + rng.normal(0, 0.05, (n, DIMS["text"]))
+    image = np.maximum(genres @ rng.normal(size=(NUM_GENRES, DIMS["image"])), 0) + rng.random(
+        (n, DIMS["image"])
+    )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with h5py.File(folder / file, "w") as f:
@@ -290,10 +326,17 @@ def _fuel_split_array(sizes: Mapping[str, int], sources: Sequence[str]) -> np.nd
     """Fuel's ``H5PYDataset.create_split_array`` for consecutive train / dev / test ranges of every source."""
     starts = np.cumsum([0] + [sizes[s] for s in SPLITS])
     names = [FILE_SPLIT_NAMES[s] for s in SPLITS]
-    dtype = np.dtype([
-        ("split", f"S{max(map(len, names))}"), ("source", f"S{max(map(len, sources))}"), ("start", np.int64),
-        ("stop", np.int64), ("indices", h5py.ref_dtype), ("available", np.bool_), ("comment", "S1"),
-    ])
+    dtype = np.dtype(
+        [
+            ("split", f"S{max(map(len, names))}"),
+            ("source", f"S{max(map(len, sources))}"),
+            ("start", np.int64),
+            ("stop", np.int64),
+            ("indices", h5py.ref_dtype),
+            ("available", np.bool_),
+            ("comment", "S1"),
+        ]
+    )
     arr = np.empty(len(names) * len(sources), dtype=dtype)
     i = 0
     for k, split in enumerate(names):

@@ -7,6 +7,7 @@ training rows only; unlike it, a stratified validation split is carved from the 
 (MOGONET and MM-Dynamics have none, and the public DEQ code selects its checkpoint on the test set;
 ``selection="test"`` reproduces that, explicitly).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -96,7 +97,9 @@ class MogonetDataModule(FusionDataModule):
             )
         expected = self.num_samples.get("train" if split == "tr" else "test")
         if expected is not None and len(y) != expected:
-            raise DatasetError(f"{path} has {len(y)} labels, expected {expected}; the file is truncated or wrong.")
+            raise DatasetError(
+                f"{path} has {len(y)} labels, expected {expected}; the file is truncated or wrong."
+            )
         return y.astype(np.int64)
 
     def _load(self) -> None:
@@ -130,15 +133,23 @@ class MogonetDataModule(FusionDataModule):
             inputs_tr[m] = torch.from_numpy(xt).float()
             inputs_te[m] = torch.from_numpy(xe).float()
         self.input_dims = {m: inputs_tr[m].shape[1] for m in self.modalities}
-        self.train_set = TensorDictDataset({m: x[train_idx] for m, x in inputs_tr.items()}, target_tr[train_idx])
+        self.train_set = TensorDictDataset(
+            {m: x[train_idx] for m, x in inputs_tr.items()}, target_tr[train_idx]
+        )
         self.test_set = TensorDictDataset(inputs_te, torch.from_numpy(y_te))
         if self.selection == "test":
             self.val_set = self.test_set
         else:
-            self.val_set = TensorDictDataset({m: x[val_idx] for m, x in inputs_tr.items()}, target_tr[val_idx])
+            self.val_set = TensorDictDataset(
+                {m: x[val_idx] for m, x in inputs_tr.items()}, target_tr[val_idx]
+            )
 
     @staticmethod
-    def write(folder: Path, views: Mapping[int, tuple[np.ndarray, np.ndarray]], labels: tuple[np.ndarray, np.ndarray]) -> None:
+    def write(
+        folder: Path,
+        views: Mapping[int, tuple[np.ndarray, np.ndarray]],
+        labels: tuple[np.ndarray, np.ndarray],
+    ) -> None:
         """Write a dataset in MOGONET layout (``%.18e``, no header), e.g. fixtures for tests."""
         folder.mkdir(parents=True, exist_ok=True)
         for v, (tr, te) in views.items():

@@ -1,4 +1,5 @@
-"""CMU-MOSEI sentiment in MultiBench's affect pickle layout (DynMM, Pro-Fusion; MultiBench ``datasets/affect``).
+"""CMU-MOSEI sentiment in MultiBench's affect pickle layout (DynMM, Pro-Fusion; MultiBench
+``datasets/affect``).
 
 One pickled dict, ``mosei_senti_data.pkl`` (Google Drive folder linked in MultiBench's README; the
 ``mosei_raw.pkl``-style files have the same nesting)::
@@ -34,6 +35,7 @@ and DynMM train and select with. DynMM's "binary accuracy" is ``(pred >= 0) == (
 samples (``acc2_has0``); MultiBench's default drops ``truth == 0`` and compares ``> 0`` (``acc2_non0``).
 Neither is computed by the regression collection yet.
 """
+
 from __future__ import annotations
 
 import logging
@@ -112,7 +114,9 @@ class MOSEIDataModule(FusionDataModule):
             raise DatasetError(f"dataset.nonfinite must be one of {NONFINITE}, got {nonfinite!r}.")
         dims = dict(FEATURE_DIMS if feature_dims is None else feature_dims)
         if sorted(dims) != sorted(FEATURE_DIMS):
-            raise DatasetError(f"dataset.feature_dims must give widths for {sorted(FEATURE_DIMS)}, got {sorted(dims)}.")
+            raise DatasetError(
+                f"dataset.feature_dims must give widths for {sorted(FEATURE_DIMS)}, got {sorted(dims)}."
+            )
         self.feature_dims = {m: int(d) for m, d in dims.items()}
         self.file = str(file)
         self.modalities = self.select_modalities(sorted(FEATURE_DIMS), modalities)
@@ -121,7 +125,9 @@ class MOSEIDataModule(FusionDataModule):
             raise DatasetError(f"dataset.seq_len must be a positive integer, got {seq_len}.")
         self.input_dims = {m: self.seq_len * self.feature_dims[m] for m in self.modalities}
         if num_samples is not None and sorted(num_samples) != sorted(SIZES):
-            raise DatasetError(f"dataset.num_samples must give {sorted(SIZES)} (or be null), got keys {sorted(num_samples)}.")
+            raise DatasetError(
+                f"dataset.num_samples must give {sorted(SIZES)} (or be null), got keys {sorted(num_samples)}."
+            )
         self.num_samples = None if num_samples is None else {s: int(n) for s, n in num_samples.items()}
         self.drop_empty_text = bool(drop_empty_text)
         self.padding = padding
@@ -142,18 +148,28 @@ class MOSEIDataModule(FusionDataModule):
         try:
             with open(self.path, "rb") as f:
                 data = pickle.load(f)
-        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, ValueError, TypeError) as e:
-            raise DatasetError(f"{self.path} is not a readable pickle ({type(e).__name__}: {e}). {self.how_to_get}") from None
+        except (
+            pickle.UnpicklingError,
+            EOFError,
+            AttributeError,
+            ImportError,
+            IndexError,
+            ValueError,
+            TypeError,
+        ) as e:
+            raise DatasetError(
+                f"{self.path} is not a readable pickle ({type(e).__name__}: {e}). {self.how_to_get}"
+            ) from None
         if not isinstance(data, Mapping):
             raise DatasetError(
-                f"{self.path} holds a {type(data).__name__}; expected MultiBench's dict with keys 'train', 'valid', "
-                f"'test'. {self.how_to_get}"
+                f"{self.path} holds a {type(data).__name__}; expected MultiBench's dict with keys 'train', "
+                f"'valid', 'test'. {self.how_to_get}"
             )
         missing = [k for k in PICKLE_SPLITS.values() if k not in data]
         if missing:
             raise DatasetError(
-                f"{self.path} has no split(s) {missing}; it holds keys {sorted(map(str, data))}, expected 'train', "
-                f"'valid', 'test' (MultiBench's affect layout). {self.how_to_get}"
+                f"{self.path} has no split(s) {missing}; it holds keys {sorted(map(str, data))}, expected "
+                f"'train', 'valid', 'test' (MultiBench's affect layout). {self.how_to_get}"
             )
         return data
 
@@ -163,37 +179,46 @@ class MOSEIDataModule(FusionDataModule):
         key = PICKLE_SPLITS[split]
         where = f"{self.path} ['{key}']"
         if not isinstance(raw, Mapping):
-            raise DatasetError(f"{where} is a {type(raw).__name__}; expected a dict of arrays. {self.how_to_get}")
-        needed = set(self.modalities) | ({"text"} if self.drop_empty_text or self.padding == "right" else set())
+            raise DatasetError(
+                f"{where} is a {type(raw).__name__}; expected a dict of arrays. {self.how_to_get}"
+            )
+        needed = set(self.modalities) | (
+            {"text"} if self.drop_empty_text or self.padding == "right" else set()
+        )
         arrays = {}
         for m in sorted(needed) + ["labels"]:
             if m not in raw:
                 raise DatasetError(
-                    f"{where} has no key '{m}'; it holds {sorted(map(str, raw))}, expected text, audio, vision, "
-                    f"labels. {self.how_to_get}"
+                    f"{where} has no key '{m}'; it holds {sorted(map(str, raw))}, expected text, audio, "
+                    f"vision, labels. {self.how_to_get}"
                 )
             try:
                 arrays[m] = np.asarray(raw[m], dtype=np.float32)
             except (TypeError, ValueError) as e:
-                raise DatasetError(f"{where}['{m}'] is not a numeric array ({e}). {self.how_to_get}") from None
+                raise DatasetError(
+                    f"{where}['{m}'] is not a numeric array ({e}). {self.how_to_get}"
+                ) from None
         n = len(arrays["labels"]) if arrays["labels"].ndim else 0
         for m in sorted(needed):
             shape, want = arrays[m].shape, (n, self.seq_len, self.feature_dims[m])
             if shape != want:
                 raise DatasetError(
-                    f"{where}['{m}'] has shape {shape}, expected {want} (samples, time steps, features; N from "
-                    f"'labels'). Check `dataset.feature_dims` / `dataset.seq_len` or the file. {self.how_to_get}"
+                    f"{where}['{m}'] has shape {shape}, expected {want} (samples, time steps, features; N "
+                    "from 'labels'). Check `dataset.feature_dims` / `dataset.seq_len` or the file. "
+                    f"{self.how_to_get}"
                 )
         y = arrays.pop("labels")
         if y.ndim == 0 or y.ndim > 3 or y.size != n:
             raise DatasetError(
-                f"{where}['labels'] has shape {y.shape}, expected ({n}, 1, 1) (one sentiment score per sample). "
+                f"{where}['labels'] has shape {y.shape}, expected ({n}, 1, 1) (one sentiment score per "
+                "sample). "
                 f"{self.how_to_get}"
             )
         if self.num_samples is not None and n != self.num_samples[split]:
             raise DatasetError(
-                f"{where} has {n} samples, expected {self.num_samples[split]} (dataset.num_samples.{split}). Set "
-                "`dataset.num_samples` to the file's sizes (or null to skip the check) if this file is meant."
+                f"{where} has {n} samples, expected {self.num_samples[split]} "
+                f"(dataset.num_samples.{split}). Set `dataset.num_samples` to the file's sizes (or null to "
+                "skip the check) if this file is meant."
             )
         return arrays, y.reshape(n)
 
@@ -217,11 +242,15 @@ class MOSEIDataModule(FusionDataModule):
                 continue
             if self.nonfinite == "error":
                 samples = np.flatnonzero(bad.any(axis=(1, 2)))
-                extra = " other than audio -inf (which is replaced with 0 as in MultiBench)" if m == "audio" else ""
+                extra = (
+                    " other than audio -inf (which is replaced with 0 as in MultiBench)"
+                    if m == "audio"
+                    else ""
+                )
                 raise DatasetError(
-                    f"{where}['{m}'] has {int(bad.sum())} NaN/inf value(s){extra} in {len(samples)} sample(s), "
-                    f"first samples {samples[:5].tolist()}. Set `dataset.nonfinite=zero` to replace them with 0 "
-                    "(MultiBench would pass them to the model), or re-obtain the file."
+                    f"{where}['{m}'] has {int(bad.sum())} NaN/inf value(s){extra} in {len(samples)} "
+                    f"sample(s), first samples {samples[:5].tolist()}. Set `dataset.nonfinite=zero` to "
+                    "replace them with 0 (MultiBench would pass them to the model), or re-obtain the file."
                 )
             counts[f"{m}_nonfinite_to_0"] = int(bad.sum())
             a[bad] = 0.0
@@ -254,7 +283,9 @@ class MOSEIDataModule(FusionDataModule):
                 raise DatasetError(f"{self.path} ['{key}'] has no samples with text left. {self.how_to_get}")
             if self.padding == "right":
                 x = self._right_pad(x)
-            inputs = {m: torch.from_numpy(np.ascontiguousarray(x[m], dtype=np.float32)) for m in self.modalities}
+            inputs = {
+                m: torch.from_numpy(np.ascontiguousarray(x[m], dtype=np.float32)) for m in self.modalities
+            }
             sets[split] = TensorDictDataset(inputs, torch.from_numpy(y.astype(np.float32)).reshape(-1, 1))
         del data
         self.train_set, self.val_set, self.test_set = sets["train"], sets["val"], sets["test"]
@@ -266,8 +297,12 @@ class MOSEIDataModule(FusionDataModule):
         return out
 
 
-def make_fixture(sizes: Mapping[str, int] | None = None, seed: int = 0,
-                 feature_dims: Mapping[str, int] | None = None, seq_len: int = SEQ_LEN) -> dict:
+def make_fixture(
+    sizes: Mapping[str, int] | None = None,
+    seed: int = 0,
+    feature_dims: Mapping[str, int] | None = None,
+    seq_len: int = SEQ_LEN,
+) -> dict:
     """MultiBench's nested dict with ``sizes`` samples per split (default 24 / 8 / 8), float32 arrays.
 
     Sequences are left-padded with zeros (2 .. seq_len words); audio holds some ``-inf`` (as COVAREP
@@ -293,8 +328,13 @@ def make_fixture(sizes: Mapping[str, int] | None = None, seed: int = 0,
     return out
 
 
-def write_fixture(folder: Path, sizes: Mapping[str, int] | None = None, seed: int = 0, file: str = FILE,
-                  data: dict | None = None) -> Path:
+def write_fixture(
+    folder: Path,
+    sizes: Mapping[str, int] | None = None,
+    seed: int = 0,
+    file: str = FILE,
+    data: dict | None = None,
+) -> Path:
     """Pickle `make_fixture` (or ``data``) as ``folder/file`` in MultiBench's layout; returns ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -39,14 +39,21 @@ MultiBench's window give only 3,659 windows (no test split), so TECH starts 2004
 end of the snapshot, 2024-03-08 (MultiBench's loader cannot run the TECH list at all: its reshape needs
 equal row counts). On the shipped snapshot (window 500, 3,200 / 500 / rest):
 
-| sector | tickers | common trading days | windows: train / val / test | target days: train; val; test |
-| --- | --- | --- | --- | --- |
-| fnb | 13 | 5,218: 2000-06-01 .. 2021-02-26 | 3,200 / 500 / 1,017 | 2002-06-04 .. 2015-02-18; 2015-02-19 .. 2017-02-10; 2017-02-13 .. 2021-02-26 |
-| health | 11 | 5,218: 2000-06-01 .. 2021-02-26 | 3,200 / 500 / 1,017 | 2002-06-04 .. 2015-02-18; 2015-02-19 .. 2017-02-10; 2017-02-13 .. 2021-02-26 |
-| tech | 14 | 4,922: 2004-08-19 .. 2024-03-08 | 3,200 / 500 / 721 | 2006-08-15 .. 2019-05-02; 2019-05-03 .. 2021-04-27; 2021-04-28 .. 2024-03-08 |
+| sector | tickers | common trading days | windows: train / val / test |
+| --- | --- | --- | --- |
+| fnb | 13 | 5,218: 2000-06-01 .. 2021-02-26 | 3,200 / 500 / 1,017 |
+| health | 11 | 5,218: 2000-06-01 .. 2021-02-26 | 3,200 / 500 / 1,017 |
+| tech | 14 | 4,922: 2004-08-19 .. 2024-03-08 | 3,200 / 500 / 721 |
+
+| sector | target days: train | target days: val | target days: test |
+| --- | --- | --- | --- |
+| fnb | 2002-06-04 .. 2015-02-18 | 2015-02-19 .. 2017-02-10 | 2017-02-13 .. 2021-02-26 |
+| health | 2002-06-04 .. 2015-02-18 | 2015-02-19 .. 2017-02-10 | 2017-02-13 .. 2021-02-26 |
+| tech | 2006-08-15 .. 2019-05-02 | 2019-05-03 .. 2021-04-27 | 2021-04-28 .. 2024-03-08 |
 
 (A window's target day is the day whose Open ends the predicted return; its inputs end one day earlier.)
 """
+
 from __future__ import annotations
 
 import logging
@@ -69,15 +76,31 @@ log = logging.getLogger("fusionbench")
 SECTORS: dict[str, tuple[str, ...]] = {
     "fnb": ("CAG", "CPB", "DRI", "GIS", "HRL", "HSY", "K", "MCD", "MKC", "SBUX", "SJM", "TSN", "YUM"),
     "health": ("MRK", "WST", "CVS", "MCK", "ABT", "UNH", "TFX", "PFE", "GSK", "NVS", "WBA"),
-    "tech": ("AAPL", "ADBE", "AMD", "AMZN", "GOOG", "HPQ", "IBM", "INTC", "MSFT", "MSI", "NVDA", "ORCL", "QCOM", "ZBRA"),
+    "tech": (
+        "AAPL",
+        "ADBE",
+        "AMD",
+        "AMZN",
+        "GOOG",
+        "HPQ",
+        "IBM",
+        "INTC",
+        "MSFT",
+        "MSI",
+        "NVDA",
+        "ORCL",
+        "QCOM",
+        "ZBRA",
+    ),
 }
 DEFAULT_TARGETS = {"fnb": "MCD", "health": "UNH", "tech": "MSFT"}
 MULTIBENCH_DATES = ("2000-06-01", "2021-02-28")
 DEFAULT_DATES = {"fnb": MULTIBENCH_DATES, "health": MULTIBENCH_DATES, "tech": ("2004-08-19", "2024-03-08")}
 COLUMNS = ("Date", "Open", "High", "Low", "Close", "Adj Close", "Volume")
 HOW_TO_GET = (
-    "The snapshot ships with fusionbench in data/stocks (38 Yahoo Finance CSVs, see data/stocks/PROVENANCE.md); "
-    "other tickers need a file <TICKER>.csv in Yahoo's layout (Date,Open,High,Low,Close,Adj Close,Volume)."
+    "The snapshot ships with fusionbench in data/stocks (38 Yahoo Finance CSVs, see "
+    "data/stocks/PROVENANCE.md); other tickers need a file <TICKER>.csv in Yahoo's layout "
+    "(Date,Open,High,Low,Close,Adj Close,Volume)."
 )
 _TICKER = re.compile(r"^[A-Z0-9][A-Z0-9.\-]*$")
 
@@ -184,36 +207,50 @@ class StocksDataModule(FusionDataModule):
         super().__init__(**kwargs)
         if sector is not None and sector not in SECTORS:
             raise DatasetError(
-                f"Unknown stock sector {sector!r}; choose one of {sorted(SECTORS)} (dataset=stocks, stocks_health, "
-                "stocks_tech), or set `dataset.sector=null` with your own `dataset.tickers` and `dataset.target`."
+                f"Unknown stock sector {sector!r}; choose one of {sorted(SECTORS)} (dataset=stocks, "
+                "stocks_health, stocks_tech), or set `dataset.sector=null` with your own `dataset.tickers` "
+                "and `dataset.target`."
             )
         if sector is None and (not tickers or not target):
             raise DatasetError(
-                "dataset.sector=null needs both `dataset.tickers` (a list) and `dataset.target` (one of them)."
+                "dataset.sector=null needs both `dataset.tickers` (a list) and `dataset.target` "
+                "(one of them)."
             )
         self.sector = sector
         self.tickers = self._check_tickers(tickers if tickers is not None else SECTORS[sector])
         self.target = str(target if target is not None else DEFAULT_TARGETS[sector]).upper()
         if self.target not in self.tickers:
             hint = (
-                f" (sector {sector}'s default is {DEFAULT_TARGETS[sector]}; dataset=stocks, stocks_health and stocks_tech "
-                "set sector, target, dates and backbone together)" if sector else ""
+                f" (sector {sector}'s default is {DEFAULT_TARGETS[sector]}; dataset=stocks, stocks_health "
+                "and stocks_tech set sector, target, dates and backbone together)"
+                if sector
+                else ""
             )
             raise DatasetError(
-                f"Target stock {self.target!r} is not among the tickers {list(self.tickers)}; set `dataset.target` to "
-                f"one of them{hint}, or add it to `dataset.tickers`."
+                f"Target stock {self.target!r} is not among the tickers {list(self.tickers)}; set "
+                f"`dataset.target` to one of them{hint}, or add it to `dataset.tickers`."
             )
         self.keys = {modality_key(t): t for t in self.tickers}
         if len(self.keys) != len(self.tickers):
-            raise DatasetError(f"Tickers {list(self.tickers)} map to clashing modality keys {sorted(self.keys)}.")
+            raise DatasetError(
+                f"Tickers {list(self.tickers)} map to clashing modality keys {sorted(self.keys)}."
+            )
         wanted = None if modalities is None else [modality_key(str(m)) for m in modalities]
         self.modalities = self.select_modalities(sorted(self.keys), wanted)
         default_dates = DEFAULT_DATES[sector] if sector else MULTIBENCH_DATES
         self.start_date = self._parse_date(start_date or default_dates[0], "start_date")
         self.end_date = self._parse_date(end_date or default_dates[1], "end_date")
         if self.start_date > self.end_date:
-            raise DatasetError(f"dataset.start_date {self.start_date.date()} is after dataset.end_date {self.end_date.date()}.")
-        for key, value in (("window", window), ("num_train", num_train), ("num_val", num_val), ("quantize_levels", quantize_levels)):
+            raise DatasetError(
+                f"dataset.start_date {self.start_date.date()} is after dataset.end_date "
+                f"{self.end_date.date()}."
+            )
+        for key, value in (
+            ("window", window),
+            ("num_train", num_train),
+            ("num_val", num_val),
+            ("quantize_levels", quantize_levels),
+        ):
             if int(value) < 1:
                 raise DatasetError(f"dataset.{key} must be a positive integer, got {value}.")
         self.window, self.num_train, self.num_val = int(window), int(num_train), int(num_val)
@@ -225,11 +262,15 @@ class StocksDataModule(FusionDataModule):
     @staticmethod
     def _check_tickers(tickers: Sequence[str]) -> tuple[str, ...]:
         if isinstance(tickers, str) or not tickers:
-            raise DatasetError(f"dataset.tickers must be a non-empty list of ticker symbols, got {tickers!r}.")
+            raise DatasetError(
+                f"dataset.tickers must be a non-empty list of ticker symbols, got {tickers!r}."
+            )
         out = tuple(str(t).upper() for t in tickers)
         bad = [t for t in out if not _TICKER.match(t)]
         if bad:
-            raise DatasetError(f"dataset.tickers has invalid symbols {bad}; use Yahoo symbols such as MCD or BRK-B.")
+            raise DatasetError(
+                f"dataset.tickers has invalid symbols {bad}; use Yahoo symbols such as MCD or BRK-B."
+            )
         dup = sorted({t for t in out if out.count(t) > 1})
         if dup:
             raise DatasetError(f"dataset.tickers lists {dup} more than once; list each ticker once.")
@@ -240,7 +281,9 @@ class StocksDataModule(FusionDataModule):
         try:
             return pd.Timestamp(str(value))
         except ValueError:
-            raise DatasetError(f"dataset.{key}={value!r} is not a date; use YYYY-MM-DD, e.g. 2000-06-01.") from None
+            raise DatasetError(
+                f"dataset.{key}={value!r} is not a date; use YYYY-MM-DD, e.g. 2000-06-01."
+            ) from None
 
     # -- guard -------------------------------------------------------------------------------
     def required_files(self) -> list[str]:
@@ -256,10 +299,10 @@ class StocksDataModule(FusionDataModule):
             else:
                 found = "The folder does not exist."
             raise DatasetError(
-                f"Dataset '{self.name}': no price file for ticker(s) {missing} in {self.data_dir} (expected "
-                f"{', '.join(t + self.suffix for t in missing)}). {found} Fix `dataset.tickers` / `dataset.sector` "
-                f"or add the file(s). {self.how_to_get} Point `paths.data_dir=DIR` (or FUSIONBENCH_DATA_DIR) at "
-                "the folder that holds stocks/."
+                f"Dataset '{self.name}': no price file for ticker(s) {missing} in {self.data_dir} "
+                f"(expected {', '.join(t + self.suffix for t in missing)}). {found} Fix `dataset.tickers` / "
+                f"`dataset.sector` or add the file(s). {self.how_to_get} Point `paths.data_dir=DIR` (or "
+                "FUSIONBENCH_DATA_DIR) at the folder that holds stocks/."
             )
         super().prepare_data()
 
@@ -274,8 +317,8 @@ class StocksDataModule(FusionDataModule):
             raise DatasetError(f"{path} is not a readable price CSV ({e}). {redo}") from None
         if "Date" not in df.columns or "Open" not in df.columns:
             raise DatasetError(
-                f"{path} has columns {list(df.columns)}; expected Yahoo's header {','.join(COLUMNS)} (at least Date "
-                f"and Open). {redo}"
+                f"{path} has columns {list(df.columns)}; expected Yahoo's header {','.join(COLUMNS)} (at "
+                f"least Date and Open). {redo}"
             )
         if df.empty:
             raise DatasetError(f"{path} has a header but no price rows. {redo}")
@@ -285,48 +328,62 @@ class StocksDataModule(FusionDataModule):
         if bad.any():
             rows = [f"line {i + 2} ({df['Date'].iloc[i]})" for i in np.flatnonzero(bad.to_numpy())[:5]]
             raise DatasetError(
-                f"{path} has {int(bad.sum())} row(s) with empty, 'null' or unparsable values, e.g. {', '.join(rows)}. "
+                f"{path} has {int(bad.sum())} row(s) with empty, 'null' or unparsable values, e.g. "
+                f"{', '.join(rows)}. "
                 f"{redo}, or delete those rows (days missing in one file are dropped for all tickers)."
             )
         if (df["Open"] <= 0).any():
             rows = [str(df["Date"].iloc[i]) for i in np.flatnonzero((df["Open"] <= 0).to_numpy())[:5]]
-            raise DatasetError(f"{path} has non-positive Open prices on {rows}; log returns need positive prices. {redo}")
+            raise DatasetError(
+                f"{path} has non-positive Open prices on {rows}; log returns need positive prices. {redo}"
+            )
         if dates.duplicated().any():
             dup = sorted(set(df["Date"][dates.duplicated().to_numpy()]))[:5]
             raise DatasetError(f"{path} lists the same date more than once ({dup}). {redo}")
-        return pd.Series(df["Open"].to_numpy(dtype=np.float64), index=pd.DatetimeIndex(dates), name=ticker).sort_index()
+        return pd.Series(
+            df["Open"].to_numpy(dtype=np.float64), index=pd.DatetimeIndex(dates), name=ticker
+        ).sort_index()
 
     def _load(self) -> None:
         series = {t: self.read_prices(t) for t in self.tickers}
-        in_range = {t: s[(s.index >= self.start_date) & (s.index <= self.end_date)] for t, s in series.items()}
+        in_range = {
+            t: s[(s.index >= self.start_date) & (s.index <= self.end_date)] for t, s in series.items()
+        }
         common = None
         for s in in_range.values():
             common = s.index if common is None else common.intersection(s.index)
         common = common.sort_values()
-        need = self.window + self.num_train + self.num_val + 2  # +1 test window, +1 price for the first return
+        need = (
+            self.window + self.num_train + self.num_val + 2
+        )  # +1 test window, +1 price for the first return
         if len(common) < need:
-            latest = max(in_range, key=lambda t: in_range[t].index.min() if len(in_range[t]) else pd.Timestamp.max)
+            latest = max(
+                in_range, key=lambda t: in_range[t].index.min() if len(in_range[t]) else pd.Timestamp.max
+            )
             first = in_range[latest].index.min() if len(in_range[latest]) else None
             span = f" ({common[0].date()} .. {common[-1].date()})" if len(common) else ""
             raise DatasetError(
-                f"Dataset '{self.name}': tickers {list(self.tickers)} share only {len(common)} trading days{span} in "
-                f"{self.start_date.date()} .. {self.end_date.date()}; at least {need} are needed (window {self.window} "
-                f"+ {self.num_train} train + {self.num_val} validation windows + 1 test window + 1 for the first "
-                f"return). Widen `dataset.start_date` / `dataset.end_date`, or drop the ticker that starts last "
-                f"({latest}, first day in range {first.date() if first is not None else 'none'})."
+                f"Dataset '{self.name}': tickers {list(self.tickers)} share only {len(common)} trading "
+                f"days{span} in {self.start_date.date()} .. {self.end_date.date()}; at least {need} are "
+                f"needed (window {self.window} + {self.num_train} train + {self.num_val} validation windows "
+                "+ 1 test window + 1 for the first return). Widen `dataset.start_date` / `dataset.end_date`, "
+                f"or drop the ticker that starts last ({latest}, first day in range "
+                f"{first.date() if first is not None else 'none'})."
             )
         dropped = {t: len(s) - len(common) for t, s in in_range.items() if len(s) != len(common)}
         if dropped:
             log.info("stocks: days not shared by all tickers dropped per ticker: %s", dropped)
-        opens = np.stack([in_range[t].loc[common].to_numpy() for t in self.tickers], axis=1)  # (days, tickers)
+        opens = np.stack(
+            [in_range[t].loc[common].to_numpy() for t in self.tickers], axis=1
+        )  # (days, tickers)
         r = np.log(opens[1:] / opens[:-1])
         y = r[self.window :, self.tickers.index(self.target)] ** 2
         input_std = float(r[: self.window + self.num_train].std(ddof=1))
         target_std = float(y[: self.num_train].std(ddof=1))
         if not (input_std > 0 and target_std > 0):
             raise DatasetError(
-                f"Dataset '{self.name}': the training rows have zero variance (input std {input_std}, target std "
-                f"{target_std}); the prices are constant. Check the price files."
+                f"Dataset '{self.name}': the training rows have zero variance (input std {input_std}, "
+                f"target std {target_std}); the prices are constant. Check the price files."
             )
         cols = [self.tickers.index(self.keys[m]) for m in self.modalities]
         returns = torch.from_numpy(r[:, cols] / input_std).float()
@@ -349,8 +406,10 @@ class StocksDataModule(FusionDataModule):
             "days": [day(0), day(len(common) - 1)],
             "trading_days": len(common),
             "dropped_days": dropped,
-            "target_days": {s: [day(lo + self.window + 1), day(hi - 1 + self.window + 1)] for s, (lo, hi) in
-                            {"train": (0, a), "val": (a, b), "test": (b, n)}.items()},
+            "target_days": {
+                s: [day(lo + self.window + 1), day(hi - 1 + self.window + 1)]
+                for s, (lo, hi) in {"train": (0, a), "val": (a, b), "test": (b, n)}.items()
+            },
             "input_std": input_std,
             "target_std": target_std,
             "window": self.window,

@@ -4,6 +4,7 @@ Each sample has a latent vector u (for classification, a class embedding plus no
 ``reshape(A_m u) + noise`` with its own random projection A_m, so every modality carries part of
 the signal and fusing them helps. Nothing is read from disk.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,15 +18,15 @@ from fusionbench.errors import DatasetError
 
 class SyntheticDataModule(FusionDataModule):
     """Args:
-        shapes: modality -> per-sample shape (an int or a list, e.g. ``{"image": [1, 8, 8], "text": 16}``).
-        task_type: ``multiclass``, ``multilabel`` or ``regression``.
-        num_outputs: classes, labels or regression targets.
-        num_samples: ``{"train": n, "val": n, "test": n}``.
-        latent_dim: width of the shared latent.
-        noise: standard deviation of the per-modality noise (higher = harder).
-        seed: data seed (independent of the training seed).
-        modalities: optional subset of ``shapes`` to use.
-        **kwargs: `FusionDataModule` arguments (``name`` defaults to ``synthetic``).
+    shapes: modality -> per-sample shape (an int or a list, e.g. ``{"image": [1, 8, 8], "text": 16}``).
+    task_type: ``multiclass``, ``multilabel`` or ``regression``.
+    num_outputs: classes, labels or regression targets.
+    num_samples: ``{"train": n, "val": n, "test": n}``.
+    latent_dim: width of the shared latent.
+    noise: standard deviation of the per-modality noise (higher = harder).
+    seed: data seed (independent of the training seed).
+    modalities: optional subset of ``shapes`` to use.
+    **kwargs: `FusionDataModule` arguments (``name`` defaults to ``synthetic``).
     """
 
     def __init__(
@@ -76,10 +77,12 @@ class SyntheticDataModule(FusionDataModule):
         g = torch.Generator().manual_seed(self.seed)
         params = {
             "class_emb": 2.0 * torch.randn(self.num_outputs, self.latent_dim, generator=g),
-            "readout": torch.randn(self.latent_dim, self.num_outputs, generator=g) / math.sqrt(self.latent_dim),
+            "readout": torch.randn(self.latent_dim, self.num_outputs, generator=g)
+            / math.sqrt(self.latent_dim),
             # drawn for every modality, so a subset sees the same data as the full set
             "proj": {
-                m: torch.randn(self.latent_dim, math.prod(self.shapes[m]), generator=g) / math.sqrt(self.latent_dim)
+                m: torch.randn(self.latent_dim, math.prod(self.shapes[m]), generator=g)
+                / math.sqrt(self.latent_dim)
                 for m in sorted(self.shapes)
             },
         }

@@ -226,9 +226,10 @@ class DEQFusion(EncoderFusion):
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ConfigError(f"fusion.{key}={value!r} is not one of {list(allowed)}.")
-        if jac_weight < 0 or not 0 <= jac_freq <= 1:
+        if jac_weight < 0 or not 0 <= jac_freq <= 1 or depth < 1:
             raise ConfigError(
-                f"fusion.jac_weight must be >= 0 and jac_freq in [0, 1], got {jac_weight}, {jac_freq}."
+                f"fusion.jac_weight must be >= 0, jac_freq in [0, 1] and depth >= 1, got {jac_weight}, "
+                f"{jac_freq}, {depth}."
             )
         d = require_equal_dims(self.embed_dims, "DEQ fusion")
         if d % groups:
@@ -238,12 +239,8 @@ class DEQFusion(EncoderFusion):
             )
         n = len(self.modalities)
         self.width, self.num_modalities = d, n
-        self.use_f_theta, self.use_f_fuse, self.recursion, self.use_gate = (
-            use_f_theta,
-            use_f_fuse,
-            recursion,
-            use_gate,
-        )
+        self.use_f_theta, self.use_f_fuse = use_f_theta, use_f_fuse
+        self.recursion, self.use_gate = recursion, use_gate
         self.mode, self.depth, self.residual, self.gate_kind = mode, depth, residual, gate
         self.jac_weight, self.jac_freq, self.jac_vecs = jac_weight, jac_freq, jac_vecs
         self.max_failures, self.failure_tol, self.f_tol = max_failures, failure_tol, f_tol
