@@ -317,6 +317,9 @@ def _run(
     if trainer.is_global_zero and not (cfg.trainer.get("fast_dev_run") and cfg.train):
         record.write(result)
         summarise(record.path, test_ckpt, result)
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()  # its files written; the next job of a sweep in this process gets a run of its own
     return result, {"datamodule": dm, "task": task, "trainer": trainer}
 
 

@@ -213,3 +213,18 @@ def test_an_optuna_study_runs_its_trials(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     best = OmegaConf.load(tmp_path / "optimization_results.yaml")
     assert set(best.best_params) == {"optimizer.lr", "optimizer.weight_decay"} and best.best_value > 0
+
+
+def test_tensorboard_and_wandb_get_the_hyper_parameters_too(make_cfg):
+    """The same facts as the CSV logger's hparams.yaml reach TensorBoard's hparams and wandb's run config."""
+    cfg = make_cfg([*SYN, "logger=tensorboard", "tags=[tb]"], sub="tb")
+    record, _ = train(cfg)
+    hparams = OmegaConf.load(Path(cfg.paths.output_dir) / "tensorboard" / "hparams.yaml")
+    assert hparams.run.config_hash == record["config_hash"] and hparams.run.tags == ["tb"]
+    os.environ.setdefault("WANDB_MODE", "offline")
+    cfg = make_cfg([*SYN, "logger=wandb", "tags=[wb]"], sub="wb")
+    record, _ = train(cfg)
+    # an offline run keeps its config in the run's transaction log, which `wandb sync` uploads
+    (log,) = Path(cfg.paths.output_dir, "wandb").glob("offline-run-*/run-*.wandb")
+    data = log.read_bytes()
+    assert record["config_hash"].encode() in data and b"ConcatFusion" in data
