@@ -18,9 +18,34 @@ from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
 class _AppendingWriter(ExperimentWriter):
     def _check_log_dir_exists(self) -> None:
-        if os.path.isfile(self.metrics_file_path):  # continue under the existing header
+        pass  # Lightning deletes metrics.csv here; a resumed run keeps its history
+
+    def _header(self) -> list[str]:
+        if not os.path.isfile(self.metrics_file_path):
+            return []
+        with open(self.metrics_file_path, newline="") as fh:
+            return list(next(csv.reader(fh), []))
+
+    def save(self) -> None:
+        """Append the buffered rows under the union of the file's header and their keys (several writers,
+        e.g. the processes of ddp_spawn or a run's attempts, write one file in turn)."""
+        if not self.metrics:
+            return
+        header = self._header()
+        keys = sorted(set(header).union(*self.metrics))
+        if header and keys != header:  # new columns: rewrite what is there under the wider header
             with open(self.metrics_file_path, newline="") as fh:
-                self.metrics_keys = list(next(csv.reader(fh), []))
+                rows = list(csv.DictReader(fh))
+            with open(self.metrics_file_path, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=keys)
+                writer.writeheader()
+                writer.writerows(rows)
+        with open(self.metrics_file_path, "a" if header else "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=keys)
+            if not header:
+                writer.writeheader()
+            writer.writerows(self.metrics)
+        self.metrics_keys, self.metrics = keys, []
 
 
 class CSVLogger(_CSVLogger):

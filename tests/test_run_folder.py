@@ -228,3 +228,33 @@ def test_tensorboard_and_wandb_get_the_hyper_parameters_too(make_cfg):
     (log,) = Path(cfg.paths.output_dir, "wandb").glob("offline-run-*/run-*.wandb")
     data = log.read_bytes()
     assert record["config_hash"].encode() in data and b"ConcatFusion" in data
+
+
+@pytest.mark.slow  # six spawned processes, about a minute
+def test_a_ddp_sim_run_killed_mid_training_resumes_to_the_uninterrupted_result(tmp_path):
+    """The same under `trainer=ddp_sim` (two CPU processes): a rank killed after epoch 1, then a relaunch."""
+    args = [
+        "dataset=synthetic",
+        "fusion=concat",
+        "seed=2",
+        "trainer=ddp_sim",
+        "trainer.max_epochs=3",
+        "logger=csv",
+        "callbacks.early_stopping.patience=100",
+        "trainer.enable_progress_bar=false",
+    ]
+    whole = run_cli(*args, f"hydra.run.dir={tmp_path / 'whole'}")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    kill = {"FUSIONBENCH_KILL_AFTER_EPOCH": "1", "FUSIONBENCH_KILL_SIGNAL": "KILL"}
+    killed = run_cli(*args, f"hydra.run.dir={tmp_path / 'split'}", env=kill)
+    assert killed.returncode != 0 and not (tmp_path / "split" / "metrics.json").exists()
+    resumed = run_cli(*args, f"hydra.run.dir={tmp_path / 'split'}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("whole", "split"))
+    assert (
+        a["metrics"] == b["metrics"] and a["best_val"] == b["best_val"] and b["best_val"]["value"] is not None
+    )
+    history = (tmp_path / "split" / "csv" / "metrics.csv").read_text()
+    assert (
+        "train/loss" in history.splitlines()[0] and history.count("\n") > 3
+    )  # epochs kept, not only the test row
