@@ -47,6 +47,7 @@ NOT_HASHED = (
     "trainer.enable_model_summary",
     "trainer.log_every_n_steps",
     "trainer.default_root_dir",
+    "dataset.how_to_get",
 )
 CONFIG_FILE = Path(".hydra") / "config.yaml"
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
@@ -115,6 +116,25 @@ def check_same_config(output_dir: Path, old: dict[str, Any] | None, new: dict[st
         "configuration add `force=true`; to keep both, give this run another folder (another "
         "`experiment_name=`, or `paths.results_dir=` for table runs, `hydra.run.dir=` otherwise)."
     )
+
+
+def check_finished(output_dir: Path, record: dict[str, Any], new: dict[str, Any]) -> None:
+    """A finished run is reused only when this configuration made it. Records written before configurations
+    were hashed (no ``config`` entry) cannot be checked exactly: their folder's config predates renamed
+    targets and added callbacks, so they are kept, with a warning that lists how they differ."""
+    if "config" in record:
+        check_same_config(output_dir, record["config"], new, "a finished run")
+        return
+    old = previous_config(output_dir, None)
+    differs = config_diff(old, new, limit=3) if old is not None else ["its config is unreadable"]
+    if old is None or config_hash(old) != config_hash(new):
+        log.warning(
+            "%s holds a finished run recorded before configurations were hashed; it is kept as it is, but "
+            "its .hydra/config.yaml differs from this configuration (%s; docs/reproducing.md lists the "
+            "renamed keys). `force=true` remakes it.",
+            output_dir,
+            "; ".join(differs),
+        )
 
 
 @contextmanager

@@ -34,6 +34,7 @@ from fusionbench.errors import ConfigError, FusionbenchError
 from fusionbench.loggers import run_hparams
 from fusionbench.records import EVALUATION_NAME, RunRecord, git_state, hydra_choices, runtime_info, write_json
 from fusionbench.run_folder import (
+    check_finished,
     check_same_config,
     config_hash,
     hashed_config,
@@ -250,7 +251,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     with run_lock(output_dir):
         if record.is_complete() and not cfg.get("force", False):
             finished = record.load()
-            check_same_config(output_dir, previous_config(output_dir, finished), config, "a finished run")
+            check_finished(output_dir, finished, config)
             log.info("%s already holds a finished run of this configuration; skipping it.", output_dir)
             return finished, {}
         if cfg.get("force", False):

@@ -258,3 +258,22 @@ def test_a_ddp_sim_run_killed_mid_training_resumes_to_the_uninterrupted_result(t
     assert (
         "train/loss" in history.splitlines()[0] and history.count("\n") > 3
     )  # epochs kept, not only the test row
+
+
+def test_a_record_from_before_config_hashes_is_kept_with_a_warning(make_cfg, caplog):
+    """Committed records predate config hashes (and renamed targets): kept, with what differs said."""
+    import logging
+
+    cfg = make_cfg([*SYN, "trainer.max_epochs=1"], sub="legacy")
+    train(cfg)
+    folder = Path(cfg.paths.output_dir)
+    record = json.loads((folder / "metrics.json").read_text())
+    del record["config"], record["config_hash"]  # as written before issue 14
+    (folder / "metrics.json").write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING, logger="fusionbench"):
+        again, objs = train(make_cfg([*SYN, "trainer.max_epochs=2"], sub="legacy"))
+    assert objs == {} and again == record
+    assert (
+        "recorded before configurations were hashed" in caplog.text
+        and "trainer.max_epochs: 1 -> 2" in caplog.text
+    )
