@@ -183,7 +183,8 @@ class DynMMCallback(pl.Callback):
         raises: timing must not end a finished run; a failure is stored as ``{"error": ...}``."""
         model = self.dynmm_model(task)
         samples = int(self.timing.get("samples", 0))
-        if model is None or not tested or samples <= 0:
+        trainer = task._trainer  # set while attached; a fast dev run writes no record to time for
+        if model is None or not tested or samples <= 0 or (trainer is not None and trainer.fast_dev_run):
             return {}
         from fusionbench.fusion.dynmm.timing import first_test_inputs, time_routing
 
