@@ -129,7 +129,9 @@ def test_weighted_sum_matches_hand_computation():
 
 def test_sum_needs_equal_widths():
     enc = nn.ModuleDict({"a": MLPEncoder(3, [4]), "b": MLPEncoder(3, [5])})
-    with pytest.raises(ConfigError, match=r"same width, got \{'a': 4, 'b': 5\}"):
+    with pytest.raises(
+        ConfigError, match=r"same width, got `backbone.a.hidden_dims`=4, `backbone.b.hidden_dims`=5"
+    ):
         SumFusion(enc, num_outputs=2)
     with pytest.raises(ConfigError, match="same width"):
         WeightedSumFusion(enc, num_outputs=2)

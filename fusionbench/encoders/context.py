@@ -33,7 +33,12 @@ class ContextJoin(nn.Module):
 
 
 class ContextEncoder(nn.Module):
-    """Mixin for encoders that can receive a context vector at one of their layers."""
+    """Mixin for encoders that can receive a context vector at one of their layers.
+
+    ``width_key`` names the constructor argument that sets ``output_dim`` (so that an error about widths can
+    say which ``backbone.<modality>.<key>`` to change); None where the width is the input's."""
+
+    width_key: str | None = None
 
     def join_widths(self) -> list[int]:
         """Channel width of the pre-activation output of each joinable layer (index 0 = first layer)."""

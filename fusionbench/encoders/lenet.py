@@ -28,6 +28,8 @@ class LeNetEncoder(ContextEncoder):
     (MFAS fuses intermediate layers).
     """
 
+    width_key = "output_dim"  # the argument that sets output_dim
+
     def __init__(
         self, in_channels: int = 1, channels: int = 6, extra_layers: int = 3, output_dim: int | None = None
     ) -> None:

@@ -25,6 +25,8 @@ class MLPEncoder(ContextEncoder):
     that layer's input.
     """
 
+    width_key = "hidden_dims"  # the argument that sets output_dim
+
     def __init__(
         self, input_dim: int, hidden_dims: Sequence[int] = (64,), dropout: float = 0.0, norm: str = "none"
     ) -> None:

@@ -26,6 +26,8 @@ class PatchEncoder(ContextEncoder):
     dim: token width, ``output_dim``.
     """
 
+    width_key = "dim"  # the argument that sets output_dim
+
     def __init__(
         self, in_channels: int = 1, image_size: int = 28, patch_size: int = 7, dim: int = 64
     ) -> None:

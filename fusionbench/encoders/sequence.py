@@ -52,6 +52,8 @@ class LSTMEncoder(ContextEncoder):
     A context (`attach_context`, layer 0) is concatenated to every time step's input (module docstring).
     """
 
+    width_key = "hidden"  # the argument that sets output_dim
+
     def __init__(
         self, in_features: int = 1, hidden: int = 128, layers: int = 1, dropout: float = 0.0
     ) -> None:
@@ -133,6 +135,8 @@ class TransformerSeqEncoder(ContextEncoder):
     A context (`attach_context`, layer 0) is concatenated to every time step's input (module docstring);
     it joins before the positions are added.
     """
+
+    width_key = "dim"  # the argument that sets output_dim
 
     def __init__(
         self,

@@ -132,11 +132,21 @@ class EncoderFusion(nn.Module):
         return self.predict(self.step(inputs))
 
 
-def require_equal_dims(dims: Mapping[str, int], method: str) -> int:
+def require_equal_dims(
+    dims: Mapping[str, int], method: str, encoders: Mapping[str, nn.Module] | None = None
+) -> int:
+    """The common output width of the encoders; else an error naming, per modality, the backbone key that
+    sets its width (``width_key`` of its encoder class: ``hidden_dims`` of an MLP, ``dim`` of a
+    Transformer)."""
     if len(set(dims.values())) != 1:
+        keys = []
+        for m, d in dims.items():
+            encoder = encoders[m] if encoders is not None and m in encoders else None
+            key = getattr(encoder, "width_key", None)
+            keys.append(f"`backbone.{m}.{key}`={d}" if key else f"{m}={d} (its input width)")
         raise ConfigError(
-            f"{method} needs every encoder to output the same width, got {dict(dims)}. Make the last entry "
-            "of each `backbone.<modality>.hidden_dims` equal, or use a fusion that concatenates "
+            f"{method} needs every encoder to output the same width, got {', '.join(keys)}. Make them equal "
+            "(a list such as `hidden_dims` ends in the width), or use a fusion that concatenates "
             "(fusion=concat)."
         )
     return next(iter(dims.values()))

@@ -20,7 +20,7 @@ class WeightedSumFusion(EncoderFusion):
 
     def __init__(self, encoders, num_outputs: int, bias: bool = False, **head) -> None:
         super().__init__(encoders, num_outputs, **head)
-        self.fused_dim = require_equal_dims(self.embed_dims, "Weighted-sum fusion")
+        self.fused_dim = require_equal_dims(self.embed_dims, "Weighted-sum fusion", self.encoders)
         self.weights = nn.Parameter(torch.ones(len(self.modalities)))
         self.bias = nn.Parameter(torch.zeros(())) if bias else None
         self.build_head()

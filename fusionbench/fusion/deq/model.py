@@ -231,7 +231,7 @@ class DEQFusion(EncoderFusion):
                 f"fusion.jac_weight must be >= 0, jac_freq in [0, 1] and depth >= 1, got {jac_weight}, "
                 f"{jac_freq}, {depth}."
             )
-        d = require_equal_dims(self.embed_dims, "DEQ fusion")
+        d = require_equal_dims(self.embed_dims, "DEQ fusion", self.encoders)
         if d % groups:
             raise ConfigError(
                 f"DEQ fusion width {d} is not divisible by fusion.groups={groups}; change the encoders' "
