@@ -67,16 +67,57 @@ def test_losses():
     assert float(task_loss("regression", torch.tensor([[3.0]]), torch.tensor([1.0]))) == pytest.approx(4.0)
 
 
-def test_sign_accuracy_by_hand():
-    from fusionbench.metrics.collections import SignAccuracy
+def sentiment(name: str, preds, truth) -> float:
+    from fusionbench.metrics.sentiment import SentimentMetric
 
-    preds, truth = torch.tensor([0.5, -0.2, 0.0, 1.0]), torch.tensor([1.0, 0.0, -1.0, 0.0])
-    has0, non0 = SignAccuracy("has0"), SignAccuracy("non0")
-    has0.update(preds, truth)
-    non0.update(preds, truth)
-    # has0: (>=0) agree for 0.5/1 and 1.0/0 only -> 2/4;
-    # non0: targets 1 and -1 kept, 0.5>0 ok, 0.0>0 false = (-1>0) false ok
-    assert has0.compute().item() == 0.5 and non0.compute().item() == 1.0
+    metric = SentimentMetric(name)
+    for i in range(0, len(preds), 3):  # in batches, as a loop updates it
+        metric.update(torch.tensor(preds[i : i + 3]), torch.tensor(truth[i : i + 3]))
+    return float(metric.compute())
+
+
+# six scores with zeros on both sides (benchmark-specs §4.6)
+PREDS = [0.5, -0.2, 0.0, 1.0, 2.5, -1.4]
+TRUTH = [1.0, 0.0, -1.0, 0.0, 3.0, -0.6]
+
+
+def test_binary_accuracy_variants_by_hand():
+    # non0: truth 0 dropped -> pairs (0.5,1) (0.0,-1) (2.5,3) (-1.4,-0.6); >0: T/T F/F T/T F/F -> 4/4
+    assert sentiment("acc2_non0", PREDS, TRUTH) == 1.0
+    # has0: >=0 on all: T/T F/T T/F T/T T/T F/F -> 4/6
+    assert sentiment("acc2_has0", PREDS, TRUTH) == pytest.approx(4 / 6)
+    # all_gt0: >0 on all, zero is negative: T/T F/F F/F T/F T/T F/F -> 5/6
+    assert sentiment("acc2_all_gt0", PREDS, TRUTH) == pytest.approx(5 / 6)
+
+
+def test_weighted_f1_variants_by_hand():
+    assert sentiment("f1w_non0", PREDS, TRUTH) == 1.0  # every kept sample right
+    # has0: true [T,T,F,T,T,F] pred [T,F,T,T,T,F]. class T: tp 3, pred 4, true 4 -> F1 6/8; class F: tp 1,
+    # pred 2, true 2 -> F1 2/4; weighted by support 4 and 2: (4*0.75 + 2*0.5)/6 = 4/6
+    assert sentiment("f1w_has0", PREDS, TRUTH) == pytest.approx(4 / 6)
+    # all_gt0: true [T,F,F,F,T,F] pred [T,F,F,T,T,F]. T: tp 2, pred 3, true 2 -> 4/5; F: tp 3, pred 3,
+    # true 4 -> 6/7; weighted: (2*0.8 + 4*6/7)/6
+    assert sentiment("f1w_all_gt0", PREDS, TRUTH) == pytest.approx((2 * 0.8 + 4 * 6 / 7) / 6)
+
+
+def test_acc7_and_acc5_round_half_to_even_after_clipping():
+    # acc7: clip [-3,3] then round half to even: 0.5->0 (truth 1: no), -0.2->-0 (0: yes), 0->0 (-1: no),
+    # 1->1 (0: no), 2.5->2 (3: no), -1.4->-1 (-0.6 -> -1: yes) -> 2/6
+    assert sentiment("acc7", PREDS, TRUTH) == pytest.approx(2 / 6)
+    # acc5: clip [-2,2] first: 2.5 -> 2 and truth 3 -> 2: now equal -> 3/6
+    assert sentiment("acc5", PREDS, TRUTH) == pytest.approx(3 / 6)
+    assert sentiment("acc7", [2.5, 3.5, -0.5], [2.0, 3.0, 0.0]) == 1.0  # 2.5->2, 3.5 clipped to 3, -0.5->-0
+
+
+def test_mae_and_pearson_on_the_nonzero_subset():
+    keep = [(p, t) for p, t in zip(PREDS, TRUTH) if t != 0]
+    mae = sum(abs(p - t) for p, t in keep) / len(keep)
+    assert sentiment("mae_non0", PREDS, TRUTH) == pytest.approx(mae)
+    ps, ts = [p for p, _ in keep], [t for _, t in keep]
+    mp, mt = sum(ps) / 4, sum(ts) / 4
+    cov = sum((p - mp) * (t - mt) for p, t in keep)
+    r = cov / math.sqrt(sum((p - mp) ** 2 for p in ps) * sum((t - mt) ** 2 for t in ts))
+    assert sentiment("pearson_non0", PREDS, TRUTH) == pytest.approx(r, rel=1e-5)
 
 
 def test_extra_metrics_are_opt_in():
@@ -85,4 +126,4 @@ def test_extra_metrics_are_opt_in():
     assert set(make_metrics("regression", 1)) == {"mse", "mae", "pearson"}
     assert set(make_metrics("regression", 1, ("acc2_has0",))) == {"mse", "mae", "pearson", "acc2_has0"}
     with pytest.raises(ValueError, match="unknown extra metrics"):
-        make_metrics("regression", 1, ("acc7",))
+        make_metrics("regression", 1, ("acc9",))

@@ -6,9 +6,9 @@
 | multilabel | micro F1 (``f1_micro``), macro F1 (``f1_macro``) at threshold 0.5 on sigmoid outputs |
 | regression | ``mse``, ``mae``, Pearson r (``pearson``) |
 
-Datasets may add extras (their ``extra_metrics``): ``acc2_has0`` = binary accuracy of the sign,
-``(pred >= 0) == (target >= 0)`` over all samples (DynMM's and CM-BERT's "Acc-2"), and ``acc2_non0`` =
-the same over samples whose target is not 0, comparing ``> 0`` (MultiBench's default).
+Datasets may add extras (their ``extra_metrics``): the sentiment variants of
+`fusionbench.metrics.sentiment` (``acc2_non0``, ``acc2_has0``, ``acc2_all_gt0``, their weighted F1s,
+``acc7``, ``acc5``, ``mae_non0``, ``pearson_non0``), each under its own name.
 
 For two classes the macro one-vs-rest AUROC equals the usual binary AUROC.
 """
@@ -19,35 +19,10 @@ import torch
 import torchmetrics as tm
 from torchmetrics import MetricCollection
 
+from fusionbench.metrics.sentiment import SENTIMENT, SentimentMetric
 
-class SignAccuracy(tm.Metric):
-    """Binary accuracy of the sign of a sentiment score (module docstring: ``has0`` / ``non0``)."""
-
-    full_state_update = False
-
-    def __init__(self, zeros: str = "has0") -> None:
-        super().__init__()
-        if zeros not in ("has0", "non0"):
-            raise ValueError(f"zeros must be 'has0' or 'non0', got {zeros!r}")
-        self.zeros = zeros
-        self.add_state("correct", default=torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
-
-    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
-        preds, target = preds.reshape(-1), target.reshape(-1)
-        if self.zeros == "has0":
-            hit = (preds >= 0) == (target >= 0)
-        else:
-            keep = target != 0
-            hit = (preds[keep] > 0) == (target[keep] > 0)
-        self.correct += hit.sum()
-        self.total += hit.numel()
-
-    def compute(self) -> torch.Tensor:
-        return self.correct / self.total.clamp(min=1)
-
-
-EXTRAS = {"acc2_has0": lambda: SignAccuracy("has0"), "acc2_non0": lambda: SignAccuracy("non0")}
+# sentiment variants (fusionbench.metrics.sentiment), each an opt-in extra of a regression dataset
+EXTRAS = {name: (lambda n=name: SentimentMetric(n)) for name in SENTIMENT}
 
 
 def make_metrics(
