@@ -49,6 +49,9 @@ NOT_HASHED = (
     "trainer.default_root_dir",
     "dataset.how_to_get",
 )
+# top-level keys added after runs were recorded: left out of the hash at the value that reproduces the
+# behaviour before them, so the records made before they existed still match their configuration
+NEUTRAL = {"scheduler_interval": "epoch", "optimizer_groups": None}
 CONFIG_FILE = Path(".hydra") / "config.yaml"
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 
@@ -62,6 +65,9 @@ def hashed_config(cfg: DictConfig) -> dict[str, Any]:
         raw.paths[key] = f"<paths.{key}>"
     out = json.loads(json.dumps(OmegaConf.to_container(raw, resolve=True), default=str))  # plain types
     out.pop("hydra", None)
+    for key, value in NEUTRAL.items():
+        if key in out and out[key] == value:
+            del out[key]
     for key in NOT_HASHED:
         *parents, leaf = key.split(".")
         node = out

@@ -6,8 +6,10 @@ The dataset's ``task_type`` picks the loss and the metric collection; the fusion
 
 from __future__ import annotations
 
+import inspect
+import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -44,6 +46,11 @@ class FusionTask(pl.LightningModule):
     check_finite: stop with a `TrainingError` naming the step when the loss is NaN or infinite.
     regression_loss: ``mse`` or ``l1`` for regression tasks (the dataset's ``regression_loss``).
     extra_metrics: names of extra metrics (the dataset's ``extra_metrics``, `fusionbench.metrics`).
+    optimizer_groups: per-group settings ``[{"match": regex, "lr": x, "weight_decay": y}, ...]``: a
+        parameter joins the first group whose regex matches its name (``model.encoders.text...``), else the
+        default group (the optimizer's own lr and weight decay). Frozen parameters are left out.
+    scheduler_interval: ``epoch`` or ``step`` (warmups such as `fusionbench.schedules.linear_warmup`).
+        A scheduler factory that takes ``total_steps`` gets the trainer's estimated optimizer steps.
     """
 
     def __init__(
@@ -56,8 +63,14 @@ class FusionTask(pl.LightningModule):
         check_finite: bool = True,
         regression_loss: str = "mse",
         extra_metrics: tuple[str, ...] | list[str] = (),
+        optimizer_groups: Sequence[Mapping[str, Any]] | None = None,
+        scheduler_interval: str = "epoch",
     ) -> None:
         super().__init__()
+        if scheduler_interval not in ("epoch", "step"):
+            raise TrainingError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}.")
+        self.optimizer_groups = [dict(g) for g in optimizer_groups or []]
+        self.scheduler_interval = scheduler_interval
         self.model = model
         self.task_type = task_type
         self.optimizer_factory = optimizer
@@ -157,11 +170,47 @@ class FusionTask(pl.LightningModule):
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The trainable parameters, split by ``optimizer_groups`` (first matching regex wins)."""
+        groups: list[dict[str, Any]] = [{"params": []}]
+        patterns = []
+        for i, g in enumerate(self.optimizer_groups):
+            unknown = sorted(set(g) - {"match", "lr", "weight_decay"})
+            if "match" not in g or unknown:
+                raise TrainingError(
+                    f"optimizer_groups[{i}]={g} needs `match` (a regex over parameter names) and may set only"
+                    f" lr and weight_decay (unknown: {unknown})."
+                )
+            patterns.append(re.compile(str(g["match"])))
+            groups.append({k: v for k, v in g.items() if k != "match"} | {"params": []})
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            hit = next((i + 1 for i, pat in enumerate(patterns) if pat.search(name)), 0)
+            groups[hit]["params"].append(p)
+        empty = [
+            self.optimizer_groups[i - 1]["match"] for i in range(1, len(groups)) if not groups[i]["params"]
+        ]
+        if empty:
+            raise TrainingError(
+                f"optimizer_groups match no trainable parameter: {empty}. Parameter names look like "
+                f"{[n for n, _ in self.named_parameters()][:3]}."
+            )
+        return [g for g in groups if g["params"]]
+
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(params=self.parameters())
+        optimizer = self.optimizer_factory(params=self.param_groups())
         if self.scheduler_factory is None:
             return optimizer
+        factory = self.scheduler_factory
+        wants = inspect.signature(getattr(factory, "func", factory)).parameters
+        extra = (
+            {"total_steps": int(self.trainer.estimated_stepping_batches)} if "total_steps" in wants else {}
+        )
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer)},
+            "lr_scheduler": {
+                "scheduler": factory(optimizer=optimizer, **extra),
+                "interval": self.scheduler_interval,
+            },
         }

@@ -92,6 +92,13 @@ def build_encoders(backbone: DictConfig, dm: FusionDataModule) -> nn.ModuleDict:
     for m in dm.modalities:
         node = backbone[m] if m in backbone else default
         params = inspect.signature(get_class(node._target_)).parameters
+        # data-derived arguments (a word vocabulary's size) for the keys the YAML leaves unset
+        data_args = {
+            k: v
+            for k, v in getattr(dm, "encoder_args", {}).get(m, {}).items()
+            if k in params and node.get(k) is None
+        }
+
         if "input_dim" in params:
             given = node.get("input_dim")
             if given is not None and int(given) != dm.input_dims[m]:
@@ -99,9 +106,9 @@ def build_encoders(backbone: DictConfig, dm: FusionDataModule) -> nn.ModuleDict:
                     f"backbone.{m}.input_dim={given} but dataset '{dm.name}' has {dm.input_dims[m]} features "
                     f"for '{m}'. Remove `input_dim` from the backbone config (it is taken from the data)."
                 )
-            encoders[m] = instantiate(node, input_dim=dm.input_dims[m], _convert_="all")
+            encoders[m] = instantiate(node, input_dim=dm.input_dims[m], **data_args, _convert_="all")
         else:
-            encoders[m] = instantiate(node, _convert_="all")
+            encoders[m] = instantiate(node, **data_args, _convert_="all")
     return nn.ModuleDict(encoders)
 
 
@@ -217,6 +224,10 @@ def build(cfg: DictConfig) -> tuple[FusionDataModule, FusionTask]:
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         regression_loss=getattr(dm, "regression_loss", "mse"),
         extra_metrics=tuple(getattr(dm, "extra_metrics", ())),
+        optimizer_groups=OmegaConf.to_container(cfg.optimizer_groups)
+        if cfg.get("optimizer_groups")
+        else None,
+        scheduler_interval=cfg.get("scheduler_interval", "epoch"),
     )
     return dm, task
 

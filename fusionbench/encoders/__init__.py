@@ -3,19 +3,25 @@ the modality's tensor and an optional ``context`` (feedback from a fusion, used 
 Encoders that accept a context subclass `ContextEncoder` (`context.py`)."""
 
 from fusionbench.encoders.context import ContextEncoder, ContextJoin
-from fusionbench.encoders.identity import IdentityEncoder
+from fusionbench.encoders.identity import IdentityEncoder, SequenceIdentityEncoder
 from fusionbench.encoders.lenet import LeNetEncoder
 from fusionbench.encoders.mlp import MLPEncoder
 from fusionbench.encoders.patch import PatchEncoder
-from fusionbench.encoders.sequence import LSTMEncoder, TransformerSeqEncoder
+from fusionbench.encoders.pretrained import PretrainedTextEncoder
+from fusionbench.encoders.sequence import GRUEncoder, LSTMEncoder, TransformerSeqEncoder
+from fusionbench.encoders.tokens import TokenEncoder
 
 __all__ = [
     "ContextEncoder",
     "ContextJoin",
+    "GRUEncoder",
     "IdentityEncoder",
     "LSTMEncoder",
     "LeNetEncoder",
     "MLPEncoder",
     "PatchEncoder",
+    "PretrainedTextEncoder",
+    "SequenceIdentityEncoder",
+    "TokenEncoder",
     "TransformerSeqEncoder",
 ]

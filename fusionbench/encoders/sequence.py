@@ -1,7 +1,8 @@
-"""Sequence encoders for time series such as the stock returns (MultiBench finance models).
+"""Sequence encoders for time series such as the stock returns (MultiBench finance models) and the
+word-aligned CMU-MOSI / CMU-MOSEI features (MultiBench affect models).
 
-Both take ``(B, T, in_features)`` (a ``(B, T)`` tensor is read as ``in_features = 1``) and return one
-vector per sample. Neither has a parameter called ``input_dim``: `fusionbench.train.build_encoders`
+All take ``(B, T, in_features)`` (a ``(B, T)`` tensor is read as ``in_features = 1``) and return one
+vector per sample. None has a parameter called ``input_dim``: `fusionbench.train.build_encoders`
 would fill that with the *flattened* feature count (500 for a 500-day window), not the per-step width.
 
 Pro-Fusion's context (`ContextEncoder`, join layer 0 only) is concatenated to the input of *every*
@@ -11,10 +12,12 @@ as an additive, bias-free projection on the per-step input map, which is the sam
 - `LSTMEncoder`: the LSTM's input-to-gates map ``W_ih x_t`` becomes ``W_ih x_t + B c`` (``B`` is
   ``context_join.proj.weight``, shape ``(4 hidden, context_dim)``), exactly an LSTM with input size
   ``in_features + context_dim`` and ``W_ih' = [W_ih, B]`` run on ``[x_t ; c]``.
+- `GRUEncoder`: the same on the GRU's input map (``B``: ``(3 hidden, context_dim)``, one block per
+  reset / update / candidate gate), exactly a GRU with input size ``in_features + context_dim``.
 - `TransformerSeqEncoder`: the per-step input projection ``P x_t`` becomes ``P x_t + B c``, i.e. the
   projection of ``[x_t ; c]`` with ``P' = [P, B]``.
 
-A zero context (or ``W = 0``) leaves both encoders unchanged.
+A zero context (or ``W = 0``) leaves every encoder unchanged.
 """
 
 from __future__ import annotations
@@ -37,6 +40,41 @@ def as_sequence(x: torch.Tensor, in_features: int, name: str) -> torch.Tensor:
     if x.dim() != 3 or x.shape[-1] != in_features:
         raise ValueError(f"{name} expects (batch, time, {in_features}) inputs, got shape {tuple(x.shape)}")
     return x
+
+
+def run_recurrent(
+    rnn: nn.LSTM | nn.GRU, x: torch.Tensor, context: torch.Tensor | None, join: nn.Module | None
+) -> torch.Tensor:
+    """Top-layer outputs (B, T, hidden) of a ``batch_first`` LSTM/GRU from zero initial state; with a
+    context, of the same network with input ``[x_t ; c]`` and first input map ``[W_ih, B]`` (``B`` =
+    ``join.proj.weight``): the same weights, the same kernel. ``nn.LSTM``/``nn.GRU`` check input_size,
+    so the widened input goes through the functional kernel they call themselves."""
+    if context is None or join is None:
+        return rnn(x)[0]
+    b, t = x.shape[:2]
+    xc = torch.cat([x, context.unsqueeze(1).expand(b, t, context.shape[-1]).to(x.dtype)], dim=-1)
+    weights = list(rnn._flat_weights)
+    weights[0] = torch.cat([weights[0], join.proj.weight], dim=1)
+    h0 = x.new_zeros(rnn.num_layers, b, rnn.hidden_size)
+    state = (h0, h0) if isinstance(rnn, nn.LSTM) else h0
+    kernel = torch._VF.lstm if isinstance(rnn, nn.LSTM) else torch._VF.gru
+    args = (rnn.bias, rnn.num_layers, float(rnn.dropout), rnn.training, rnn.bidirectional, rnn.batch_first)
+    return kernel(xc, state, weights, *args)[0]
+
+
+def skip_leading_padding(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's steps from its first non-zero step on, moved to the front: ``(x', last)`` with
+    ``x'[b, :n_b] = x[b, T - n_b:]`` for the ``n_b`` steps from the first non-zero one (steps after
+    ``n_b`` repeat the last step and are never read) and ``last[b] = n_b - 1``. A recurrent network
+    is causal, so its output at ``last`` is its state after the real steps only, from ``h_0 = 0``: what
+    MultiBench's packed sequences give (``has_padding=True``: its loader drops the steps before the
+    first non-zero text step). An all-zero sample keeps its last step."""
+    b, t, f = x.shape
+    steps = torch.arange(t, device=x.device)
+    real = x.ne(0).any(dim=-1)  # (B, T)
+    first = torch.where(real, steps, t).amin(dim=1).clamp(max=t - 1)
+    index = (first[:, None] + steps).clamp(max=t - 1)
+    return x.gather(1, index[..., None].expand(b, t, f)), t - 1 - first
 
 
 class LSTMEncoder(ContextEncoder):
@@ -74,30 +112,74 @@ class LSTMEncoder(ContextEncoder):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         x = as_sequence(x, self.in_features, "LSTMEncoder")
-        joint = self._modules.get("context_join")
-        if context is None or joint is None:
-            out, _ = self.lstm(x)
-            return out[:, -1]
-        # [x_t ; c] through an LSTM whose first input map is [W_ih, B]: the same weights, the same kernel.
-        # nn.LSTM checks input_size, so the widened input goes through the functional kernel it calls itself.
-        lstm = self.lstm
-        b, t = x.shape[:2]
-        xc = torch.cat([x, context.unsqueeze(1).expand(b, t, context.shape[-1]).to(x.dtype)], dim=-1)
-        weights = list(lstm._flat_weights)
-        weights[0] = torch.cat([weights[0], joint.proj.weight], dim=1)
-        zeros = x.new_zeros(lstm.num_layers, b, lstm.hidden_size)
-        out, _, _ = torch._VF.lstm(
-            xc,
-            (zeros, zeros),
-            weights,
-            lstm.bias,
-            lstm.num_layers,
-            float(lstm.dropout),
-            self.training,
-            lstm.bidirectional,
-            lstm.batch_first,
+        return run_recurrent(self.lstm, x, context, self._modules.get("context_join"))[:, -1]
+
+
+class GRUEncoder(ContextEncoder):
+    """``nn.GRU(in_features, hidden, layers, batch_first=True)``; output = the top layer's last hidden
+    state (B, hidden), optionally through dropout and a Linear: MultiBench's affect encoders
+    ``unimodals.common_models.GRU`` and ``GRUWithLinear``.
+
+    Args:
+        in_features: values per time step (MOSEI: vision 35, audio 74, text 300).
+        hidden: GRU width (MultiBench LF: 70 / 200 / 600; EF on the stacked 409 features: 512).
+        layers: stacked GRU layers (MultiBench: 1).
+        dropout: dropout between stacked layers (PyTorch's ``nn.GRU`` dropout; needs ``layers > 1``).
+        out_dropout: dropout on the last hidden state (before ``out_features``' Linear). MultiBench's
+            ``dropout=True`` (``dropoutp=0.1``) is ``out_dropout=0.1``: ``GRU`` applies it to the state it
+            returns with ``has_padding=True`` (LF) but *not* with ``last_only=True`` (EF returns before its
+            dropout); ``GRUWithLinear`` applies it between the state and its Linear (LRTF, TF).
+        out_features: width of a Linear after the (dropped-out) last state, MultiBench's ``GRUWithLinear``
+            (LRTF: 32 / 32 / 128; TF: 4 / 19 / 79); None: no Linear, output_dim = hidden.
+        skip_padding: encode each sample from its first non-zero step on (`skip_leading_padding`), i.e. the
+            state after the real words only, as MultiBench's packed sequences (``has_padding=True``) on the
+            left-padded pickles; False runs the GRU over all ``T`` steps, padding included (MultiBench's
+            ``has_padding=False``). A modality's own all-zero leading steps are taken as its padding (the
+            pickles zero-pad the three modalities at the same steps; MultiBench cuts at the first text step).
+
+    A context (`attach_context`, layer 0) is concatenated to every time step's input (module docstring).
+    """
+
+    width_key = "hidden"  # the argument that sets output_dim ("out_features" when it is given)
+
+    def __init__(
+        self,
+        in_features: int = 1,
+        hidden: int = 128,
+        layers: int = 1,
+        dropout: float = 0.0,
+        out_dropout: float = 0.0,
+        out_features: int | None = None,
+        skip_padding: bool = False,
+    ) -> None:
+        super().__init__()
+        self.in_features = int(in_features)
+        self.hidden = int(hidden)
+        self.skip_padding = bool(skip_padding)
+        self.gru = nn.GRU(
+            self.in_features,
+            self.hidden,
+            int(layers),
+            batch_first=True,
+            dropout=float(dropout) if layers > 1 else 0.0,
         )
-        return out[:, -1]
+        self.out_dropout = nn.Dropout(float(out_dropout))
+        self.linear = None if out_features is None else nn.Linear(self.hidden, int(out_features))
+        if self.linear is not None:
+            self.width_key = "out_features"
+        self.output_dim = self.hidden if self.linear is None else int(out_features)
+
+    def join_widths(self) -> list[int]:
+        return [3 * self.hidden]  # reset, update and candidate pre-activations of the first input map
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        x = as_sequence(x, self.in_features, "GRUEncoder")
+        if self.skip_padding:
+            x, last = skip_leading_padding(x)
+        out = run_recurrent(self.gru, x, context, self._modules.get("context_join"))
+        h = out[torch.arange(out.shape[0], device=out.device), last] if self.skip_padding else out[:, -1]
+        h = self.out_dropout(h)
+        return h if self.linear is None else self.linear(h)
 
 
 class SinusoidalPositions(nn.Module):
