@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import compose_cfg
+from conftest import compose_cfg, token_aware
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -85,11 +85,11 @@ def test_explicit_input_dim_must_match_the_data():
         build_encoders(cfg.backbone, dm)
 
 
-@pytest.mark.parametrize("fusion", options("fusion"))
+@pytest.mark.parametrize("fusion", token_aware(options("fusion")))
 def test_every_fusion_builds_on_synthetic(fusion):
     extra = ["dataset.modalities=[text]"] if fusion == "unimodal" else []
-    if (
-        fusion.startswith("early_sequence") or fusion == "mult"
+    if fusion.startswith("early_sequence") or fusion.startswith(
+        "mult"
     ):  # stacks equal-length series (B, T, 1) along the feature axis
         extra = ["dataset.shapes={audio: [12, 1], image: [12, 1], text: [12, 1]}"]
     if fusion == "mfas":  # fuses intermediate LeNet layers: AV-MNIST-shaped data, LeNet backbone

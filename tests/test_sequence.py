@@ -1,4 +1,5 @@
-"""Sequence encoders (LSTM, Transformer) and early fusion of aligned sequences (MultiBench finance models)."""
+"""Sequence encoders (LSTM, GRU, Transformer) and early fusion of aligned sequences (MultiBench finance and
+affect models; the affect rows end to end: test_affect_baselines.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import torch
 from conftest import compose_cfg
 from torch import nn
 
-from fusionbench.encoders import LSTMEncoder, TransformerSeqEncoder
+from fusionbench.encoders import GRUEncoder, LSTMEncoder, TransformerSeqEncoder
 from fusionbench.errors import ConfigError
 from fusionbench.fusion import ConcatFusion, EarlySequenceFusion, ProFusion
+from fusionbench.fusion.base import require_equal_dims
 from fusionbench.train import build, train
 
 T = 20
@@ -86,6 +88,136 @@ def test_transformer_context_equals_concatenating_it_to_every_time_step():
     expected = enc.encoder(enc.positions(h))[:, -1]
     assert torch.allclose(enc(x, c), expected, atol=1e-5)
     assert torch.allclose(enc(x, torch.zeros(4, 3)), enc(x), atol=1e-6)
+
+
+# ---------------------------------------------------------------- GRU (MultiBench affect GRU / GRUWithLinear)
+
+
+def left_padded(b: int = 4, t: int = T, f: int = 3, seed: int = 0) -> tuple[torch.Tensor, list[int]]:
+    """A batch left-padded with zero steps, as the MOSI/MOSEI pickles store it; returns the real lengths."""
+    x = series(b, t, f, seed)
+    lengths = [t, t - 5, 3, 1][:b]
+    for i, n in enumerate(lengths):
+        x[i, : t - n] = 0
+    return x, lengths
+
+
+def test_gru_shapes_and_width_key():
+    x = series(f=3)
+    assert GRUEncoder(3, 16)(x).shape == (4, 16)
+    assert GRUEncoder(1, 16)(x[..., 0]).shape == (4, 16)  # (B, T) reads as one feature per step
+    assert GRUEncoder(3, 8, layers=2, dropout=0.1)(x).shape == (4, 8)
+    with_linear = GRUEncoder(3, 16, out_features=5)
+    assert with_linear(x).shape == (4, 5) and with_linear.output_dim == 5
+    assert GRUEncoder(3, 16).width_key == "hidden" and with_linear.width_key == "out_features"
+    with pytest.raises(ConfigError, match=r"`backbone.a.hidden`=16, `backbone.b.out_features`=5"):
+        require_equal_dims({"a": 16, "b": 5}, "Sum fusion", {"a": GRUEncoder(3, 16), "b": with_linear})
+    with pytest.raises(ValueError, match=r"GRUEncoder expects \(batch, time, 2\)"):
+        GRUEncoder(2, 4)(x)
+
+
+def test_gru_output_is_the_last_hidden_state_of_a_plain_gru():
+    torch.manual_seed(0)
+    enc = GRUEncoder(3, 5, layers=2)
+    ref = nn.GRU(3, 5, 2)  # time-major, as nn.GRU's default
+    ref.load_state_dict(enc.gru.state_dict())
+    x = series(f=3)
+    _, h = ref(x.transpose(0, 1))
+    assert torch.allclose(enc(x), h[-1], atol=1e-6)
+
+
+def test_gru_by_hand():
+    """r = s(W_ir x + b_ir + W_hr h + b_hr), z = s(W_iz x + ...), n = tanh(W_in x + b_in + r (W_hn h + b_hn)),
+    h' = (1 - z) n + z h, from h_0 = 0; output the last h."""
+    torch.manual_seed(0)
+    enc = GRUEncoder(3, 4)
+    g = enc.gru
+    w_ir, w_iz, w_in = g.weight_ih_l0.chunk(3)
+    w_hr, w_hz, w_hn = g.weight_hh_l0.chunk(3)
+    b_ir, b_iz, b_in = g.bias_ih_l0.chunk(3)
+    b_hr, b_hz, b_hn = g.bias_hh_l0.chunk(3)
+    x = series(f=3)
+    h = torch.zeros(4, 4)
+    for t in range(T):
+        xt = x[:, t]
+        r = torch.sigmoid(xt @ w_ir.T + b_ir + h @ w_hr.T + b_hr)
+        z = torch.sigmoid(xt @ w_iz.T + b_iz + h @ w_hz.T + b_hz)
+        n = torch.tanh(xt @ w_in.T + b_in + r * (h @ w_hn.T + b_hn))
+        h = (1 - z) * n + z * h
+    assert torch.allclose(enc(x), h, atol=1e-5)
+
+
+def test_gru_with_linear_is_multibench_gru_with_linear():
+    """MultiBench's GRUWithLinear(dropout=True): Linear(Dropout(h_T)); in eval Linear(h_T)."""
+    torch.manual_seed(0)
+    enc = GRUEncoder(3, 6, out_features=2, out_dropout=0.5)
+    x = series(f=3)
+    h_last = enc.gru(x)[0][:, -1]
+    enc.eval()
+    assert torch.allclose(enc(x), enc.linear(h_last), atol=1e-6)
+    enc.train()
+    torch.manual_seed(1)
+    out = enc(x)
+    torch.manual_seed(1)
+    dropped = nn.functional.dropout(h_last, 0.5, training=True)  # the GRU itself draws no random numbers
+    assert torch.allclose(out, enc.linear(dropped), atol=1e-6)
+    assert not torch.allclose(out, enc.linear(h_last))
+
+
+def test_gru_skip_padding_is_multibench_packed_sequences():
+    """skip_padding: the state after each sample's real steps only, exactly what MultiBench's
+    GRU(has_padding=True) gets from its loader (leading padding cut, end-padded, packed)."""
+    torch.manual_seed(0)
+    enc = GRUEncoder(3, 5, layers=2, skip_padding=True)
+    x, lengths = left_padded()
+    real = [x[i, T - n :] for i, n in enumerate(lengths)]
+    packed = nn.utils.rnn.pack_padded_sequence(
+        nn.utils.rnn.pad_sequence(real, batch_first=True), torch.tensor(lengths), True, enforce_sorted=False
+    )
+    assert torch.allclose(enc(x), enc.gru(packed)[1][-1], atol=1e-6)
+    plain = GRUEncoder(3, 5, layers=2)
+    plain.load_state_dict(enc.state_dict())
+    assert not torch.allclose(plain(x)[1:], enc(x)[1:], atol=1e-3)  # the zero steps do move a plain GRU
+    assert torch.allclose(plain(x)[0], enc(x)[0], atol=1e-6)  # no padding: the same
+    x[3] = 0  # an all-zero sample: one zero step
+    assert torch.allclose(enc(x)[3], enc.gru(x[3:, -1:])[1][-1, 0], atol=1e-6)
+
+
+@pytest.mark.parametrize("skip_padding", [False, True])
+def test_gru_context_equals_concatenating_it_to_every_time_step(skip_padding):
+    torch.manual_seed(0)
+    enc = GRUEncoder(2, 5, layers=2, out_features=3, skip_padding=skip_padding).eval()
+    enc.attach_context(3, layer=0)
+    assert enc.context_join.proj.weight.shape == (15, 3)  # reset, update, candidate blocks
+    x, lengths = left_padded(f=2)
+    c = torch.randn(4, 3)
+    wide = nn.GRU(2 + 3, 5, 2, batch_first=True)
+    state = dict(enc.gru.state_dict())
+    state["weight_ih_l0"] = torch.cat([state["weight_ih_l0"], enc.context_join.proj.weight], dim=1)
+    wide.load_state_dict(state)
+    xc = torch.cat([x, c[:, None, :].expand(4, T, 3)], dim=-1)
+    if skip_padding:  # the real steps of [x_t ; c] only
+        expected = torch.stack([wide(xc[i : i + 1, T - n :])[0][0, -1] for i, n in enumerate(lengths)])
+    else:
+        expected = wide(xc)[0][:, -1]
+    assert torch.allclose(enc(x, c), enc.linear(expected), atol=1e-5)
+    assert torch.allclose(enc(x, torch.zeros(4, 3)), enc(x), atol=1e-6)  # c = 0: the plain encoder
+    with pytest.raises(ConfigError, match="0..0"):
+        GRUEncoder(1, 4).attach_context(3, layer=1)
+
+
+def test_gru_gradient_reaches_every_parameter_and_the_context():
+    torch.manual_seed(0)
+    enc = GRUEncoder(2, 5, layers=2, dropout=0.1, out_dropout=0.1, out_features=3, skip_padding=True)
+    enc.attach_context(3)
+    x, _ = left_padded(f=2)
+    x.requires_grad_(True)
+    c = torch.randn(4, 3, requires_grad=True)
+    enc(x, c).square().sum().backward()
+    no_grad = [n for n, p in enc.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert no_grad == []
+    assert c.grad.abs().sum() > 0 and x.grad[0].abs().sum() > 0
+    assert torch.equal(x.grad[2, : T - 3], torch.zeros(T - 3, 2))  # skipped padding gets no gradient
 
 
 # ---------------------------------------------------------------- early fusion of sequences

@@ -4,17 +4,21 @@ from fusionbench.data.avmnist import AVMNISTDataModule
 from fusionbench.data.base import FusionDataModule, TensorDictDataset
 from fusionbench.data.generative import GenerativeDataModule
 from fusionbench.data.lattice import LatticeDataModule
+from fusionbench.data.mag import MAGDataModule
 from fusionbench.data.mmimdb import MMIMDBDataModule
 from fusionbench.data.mogonet import MogonetDataModule
 from fusionbench.data.mosei import MOSEIDataModule
+from fusionbench.data.mosi_cmbert import CMBERTMOSIDataModule
 from fusionbench.data.stocks import StocksDataModule
 from fusionbench.data.synthetic import SyntheticDataModule
 
 __all__ = [
     "AVMNISTDataModule",
+    "CMBERTMOSIDataModule",
     "FusionDataModule",
     "GenerativeDataModule",
     "LatticeDataModule",
+    "MAGDataModule",
     "MMIMDBDataModule",
     "MOSEIDataModule",
     "MogonetDataModule",

@@ -4,17 +4,22 @@ one package (`deq`, `dynmm`, `gradient_blend`, `profusion`). Contract: built fro
 ``step``/``predict`` (see base.py), which the Pro-Fusion wrapper uses."""
 
 from fusionbench.fusion.base import EncoderFusion, FusionOutput, FusionStep
+from fusionbench.fusion.cmbert import CMBERTFusion
+from fusionbench.fusion.cmbert_deq import CMBERTDEQFusion
 from fusionbench.fusion.concat import ConcatFusion
+from fusionbench.fusion.constant import ConstantFusion
 from fusionbench.fusion.deq import DEQFusion
 from fusionbench.fusion.dynmm import DynMMFusion
 from fusionbench.fusion.early import EarlyFusion
 from fusionbench.fusion.early_sequence import EarlySequenceFusion
 from fusionbench.fusion.gradient_blend import GradientBlendFusion
 from fusionbench.fusion.lowrank import LowRankTensorFusion
+from fusionbench.fusion.mag import MAGFusion
 from fusionbench.fusion.mbt import MBTFusion
 from fusionbench.fusion.mfas import MFASFusion
 from fusionbench.fusion.mfm import MFMFusion
 from fusionbench.fusion.mmdynamics import MMDynamics
+from fusionbench.fusion.mmim import MMIMFusion
 from fusionbench.fusion.mult import MulTFusion
 from fusionbench.fusion.profusion import ProFusion
 from fusionbench.fusion.refnet import RefNetFusion
@@ -24,7 +29,10 @@ from fusionbench.fusion.unimodal import UnimodalModel
 from fusionbench.fusion.weighted_sum import WeightedSumFusion
 
 __all__ = [
+    "CMBERTDEQFusion",
+    "CMBERTFusion",
     "ConcatFusion",
+    "ConstantFusion",
     "DEQFusion",
     "DynMMFusion",
     "EarlyFusion",
@@ -34,10 +42,12 @@ __all__ = [
     "FusionStep",
     "GradientBlendFusion",
     "LowRankTensorFusion",
+    "MAGFusion",
     "MBTFusion",
     "MFASFusion",
     "MFMFusion",
     "MMDynamics",
+    "MMIMFusion",
     "MulTFusion",
     "ProFusion",
     "RefNetFusion",

@@ -1,11 +1,15 @@
 """Multimodal Transformer (MulT; Tsai et al. 2019, "Multimodal Transformer for Unaligned Multimodal
-Language Sequences") as MultiBench's finance example runs it on stock series.
+Language Sequences") as MultiBench's finance example runs it on stock series, and as its affect example
+(``examples/affect/affect_mult.py``) runs it on CMU-MOSI / CMU-MOSEI.
 
 Grouping (MultiBench ``examples/finance/stocks_mult.py`` with ``datasets.stocks.get_data.Grouping``):
 the sector's stocks, in sorted order, are cut into G contiguous groups, group i holding stocks
 ``[n*i//G, n*(i+1)//G)`` (13 stocks, G = 3: 4 / 4 / 5; note this puts the larger groups *last*,
 unlike ``numpy.array_split``). Each group is one MulT "modality" whose per-step features are its
-stocks' returns; ``group_members`` sets the groups explicitly instead.
+stocks' returns; ``group_members`` sets the groups explicitly instead. On the affect data
+``groups=3`` over the three modalities makes each modality its own group (sorted: audio, text, vision =
+g0, g1, g2), each with its own projection from its own per-step width (MOSEI 74 / 300 / 35), as
+MultiBench's ``MULTModel(3, [35, 74, 300])``.
 
 The network (MulT's Figure 2, as MultiBench's ``fusions/finance/mult.py``):
 
@@ -28,6 +32,9 @@ MultiBench's finance variant differs from the paper's MulT in three ways, all ke
 switchable: each group also attends to itself (``attend_self``; the paper uses only j != i), every
 attention is causal (``causal``; MultiBench's ``attn_mask=True``), and the crossmodal attention has no
 dropout (``cross_attn_dropout=0``; MultiBench's ``attn_dropout_modalities``) while the memory's has 0.1.
+MultiBench sets the crossmodal attention dropout per *source* modality (``attn_dropout_modalities[j]``;
+affect: 0 / 0 / 0.1 for vision / audio / text), so ``cross_attn_dropout`` may also map source modalities
+(or group names) to rates, e.g. ``{text: 0.1}``.
 
 Under Pro-Fusion the context joins each group's projection (`GroupProjection`): the projection of
 ``[x_t ; c]`` with ``[P, B]``, at every time step, as for `TransformerSeqEncoder`. The group encoders
@@ -194,7 +201,9 @@ class MulTFusion(EncoderFusion):
     layers: crossmodal layers (3).
     self_layers: layers of each target's self-attention memory transformer (3).
     attn_dropout: attention dropout of the memory transformers (0.1).
-    cross_attn_dropout: attention dropout of the crossmodal transformers (MultiBench: 0).
+    cross_attn_dropout: attention dropout of the crossmodal transformers CM_{j->i} (MultiBench finance:
+        0); a number for all, or ``{source: rate}`` keyed by modality or group name, the rate of source
+        group j (unnamed sources: 0; MultiBench affect: ``{text: 0.1}``).
     relu_dropout, res_dropout: dropout after the feed-forward ReLU / on each residual branch (0.1).
     embed_dropout: dropout on every transformer's scaled, position-encoded input (0.25).
     out_dropout: dropout inside the final residual block (0).
@@ -216,7 +225,7 @@ class MulTFusion(EncoderFusion):
         layers: int = 3,
         self_layers: int = 3,
         attn_dropout: float = 0.1,
-        cross_attn_dropout: float = 0.0,
+        cross_attn_dropout: float | Mapping[str, float] = 0.0,
         relu_dropout: float = 0.1,
         res_dropout: float = 0.1,
         embed_dropout: float = 0.25,
@@ -244,6 +253,7 @@ class MulTFusion(EncoderFusion):
             self.group_names
         )  # g0 < g1 < ... < g9 sort the same; keep the numeric order beyond
         self.sources = {i: [j for j in self.group_names if attend_self or j != i] for i in self.group_names}
+        self.cross_attn_dropout = self.source_dropouts(cross_attn_dropout)
         width = dim * len(self.sources[self.group_names[0]])  # one target's concatenated crossmodal streams
         common = {
             "heads": heads,
@@ -258,7 +268,7 @@ class MulTFusion(EncoderFusion):
             {
                 i: nn.ModuleDict(
                     {
-                        j: MulTEncoder(dim, layers=layers, attn_dropout=cross_attn_dropout, **common)
+                        j: MulTEncoder(dim, layers=layers, attn_dropout=self.cross_attn_dropout[j], **common)
                         for j in self.sources[i]
                     }
                 )
@@ -290,6 +300,28 @@ class MulTFusion(EncoderFusion):
                 "modalities."
             )
         return split_groups(self.input_modalities, groups)
+
+    def source_dropouts(self, rates: float | Mapping[str, float]) -> dict[str, float]:
+        """``{group: crossmodal attention dropout when it is the source}`` from a number or a mapping keyed
+        by group or modality names (a group's members must then agree)."""
+        if not isinstance(rates, Mapping):
+            return {g: float(rates) for g in self.group_names}
+        unknown = sorted(set(rates) - set(self.group_names) - set(self.input_modalities))
+        if unknown:
+            raise ConfigError(
+                f"fusion.cross_attn_dropout names {unknown}, which are neither modalities "
+                f"{self.input_modalities} nor groups {self.group_names}."
+            )
+        out = {}
+        for g, members in self.members.items():
+            given = {float(rates[g])} if g in rates else {float(rates[m]) for m in members if m in rates}
+            if len(given) > 1:
+                raise ConfigError(
+                    f"fusion.cross_attn_dropout gives group {g} ({members}) the rates {sorted(given)}; its "
+                    "members share one attention: give one rate per group."
+                )
+            out[g] = given.pop() if given else 0.0
+        return out
 
     def check_groups(self, group_members: Sequence[Sequence[str]]) -> list[list[str]]:
         members = [list(g) for g in group_members]

@@ -5,6 +5,7 @@ nothing for models without DEQ fusion, so the default callback set carries them.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import pytorch_lightning as pl
@@ -15,6 +16,13 @@ from fusionbench.fusion.deq.model import DEQFusion
 from fusionbench.records import write_json
 
 log = logging.getLogger("fusionbench")
+
+
+def is_deq(module: nn.Module) -> bool:
+    """A DEQ fusion layer: `DEQFusion`, or one with its solver statistics and trace (CM-BERT + DEQ)."""
+    return isinstance(module, DEQFusion) or all(
+        hasattr(module, a) for a in ("forward_stats", "backward_stats", "trace", "mode")
+    )
 
 
 def deq_diagnostics(
@@ -32,7 +40,7 @@ def deq_diagnostics(
 
             if isinstance(inner, MMDynamics) and isinstance(inner.fusion, DEQFusion):
                 deq, embeddings = inner.fusion, last if last is not None else inner.features(inputs)[0]
-            elif isinstance(inner, DEQFusion):
+            elif is_deq(inner):
                 deq, embeddings = inner, last if last is not None else inner.encode(inputs)
             else:
                 return None
@@ -44,6 +52,18 @@ def deq_diagnostics(
             }
     finally:
         model.train(was_training)
+
+
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every NaN / inf float replaced by None (a diverging plain iteration traces to inf; the
+    plotted artefact stays strict JSON and the plots leave those points out)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_none(v) for v in value]
+    return value
 
 
 class DEQDiagnostics(pl.Callback):
@@ -65,7 +85,7 @@ class DEQDiagnostics(pl.Callback):
         inputs = {m: x.to(pl_module.device) for m, x in batch["inputs"].items()}
         result = deq_diagnostics(pl_module.model, inputs, self.steps)
         if result is not None:
-            write_json(self.path, result, indent=1, sort_keys=False, allow_nan=False)
+            write_json(self.path, finite_or_none(result), indent=1, sort_keys=False, allow_nan=False)
 
 
 def _merge(parts: list[dict[str, float]]) -> dict[str, float]:
@@ -100,7 +120,7 @@ class DEQMonitor(pl.Callback):
     @staticmethod
     def _stats(pl_module: pl.LightningModule, kind: str) -> list:
         """The `SolveStats` of every DEQ fusion in the model: ``kind`` is train, eval or backward."""
-        deqs = [m for m in pl_module.modules() if isinstance(m, DEQFusion)]
+        deqs = [m for m in pl_module.modules() if is_deq(m)]
         return [d.backward_stats if kind == "backward" else d.forward_stats[kind] for d in deqs]
 
     def _reset(self, pl_module: pl.LightningModule, kind: str) -> None:
