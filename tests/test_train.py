@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FAST, compose_cfg
+from conftest import FAST, compose_cfg, token_aware
 from omegaconf import OmegaConf
 
 from fusionbench import ROOT
@@ -21,11 +21,11 @@ from fusionbench.train import train
 FUSIONS = sorted(p.stem for p in (ROOT / "configs" / "fusion").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("fusion", token_aware(FUSIONS))
 def test_fast_dev_run_every_fusion(fusion, make_cfg):
     extra = ["dataset.modalities=[image]"] if fusion == "unimodal" else []
-    if (
-        fusion.startswith("early_sequence") or fusion == "mult"
+    if fusion.startswith("early_sequence") or fusion.startswith(
+        "mult"
     ):  # stacks equal-length series (B, T, 1) along the feature axis
         extra = ["dataset.shapes={audio: [12, 1], image: [12, 1], text: [12, 1]}"]
     if fusion == "mfas":  # fuses intermediate LeNet layers: image-shaped inputs and the LeNet backbone
@@ -254,13 +254,27 @@ def mmimdb_fixture_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def mosei_fixture_dir(tmp_path_factory):
-    """CMU-MOSEI in MultiBench's affect pickle layout, 24 / 8 / 8 segments of 50 steps."""
-    from fusionbench.data.mosei import write_fixture
+def sentiment_fixture_dir(tmp_path_factory):
+    """Every sentiment dataset in its real layout (24 / 8 / 8 segments): MultiBench's affect pickles
+    (mosei/, mosi/), CM-BERT's tsv + audio pickle (mosi_cmbert/), MAG's word-aligned pickles (mosi_mag/,
+    mosei_mag/), and pretrained/ holding tiny saved BERT and XLNet models under the names the backbones
+    expect."""
+    from fusionbench.data import mag, mosei, mosi_cmbert
+    from fusionbench.data.text import FIXTURE_WORDS
+    from fusionbench.encoders.pretrained import save_tiny_pretrained
 
     root = tmp_path_factory.mktemp("data")
-    write_fixture(root / "mosei")
+    mosei.write_fixture(root / "mosei")
+    mosei.write_fixture(root / "mosi", file="mosi_raw.pkl", seed=1)
+    mosi_cmbert.write_fixture(root / "mosi_cmbert")
+    mag.write_fixture(root / "mosi_mag", file="mosi.pkl", feature_dims={"audio": 74, "vision": 47})
+    mag.write_fixture(root / "mosei_mag", file="mosei.pkl", feature_dims={"audio": 74, "vision": 35})
+    save_tiny_pretrained(root / "pretrained" / "bert-base-uncased", "bert", FIXTURE_WORDS)
+    save_tiny_pretrained(root / "pretrained" / "xlnet-base-cased", "xlnet", FIXTURE_WORDS)
     return root
+
+
+SENTIMENT = ("mosei", "mosi", "mosi_cmbert", "mosi_words", "mosi_mag", "mosei_mag")
 
 
 def smoke_experiments() -> list[str]:
@@ -292,11 +306,11 @@ FIXTURE_SIZES = "dataset.num_samples={train: 24, val: 8, test: 8}"
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_smoke_runs(
-    experiment, make_cfg, brca_fixture_dir, avmnist_fixture_dir, mmimdb_fixture_dir, mosei_fixture_dir
+    experiment, make_cfg, brca_fixture_dir, avmnist_fixture_dir, mmimdb_fixture_dir, sentiment_fixture_dir
 ):
-    """One batch of train/val/test of each experiment of `smoke_experiments` (BRCA, AV-MNIST, MM-IMDB and
-    MOSEI ones on fixtures in the real formats and shapes; DynMM rows that load their stage I from earlier
-    runs start from fresh experts)."""
+    """One batch of train/val/test of each experiment of `smoke_experiments` (BRCA, AV-MNIST, MM-IMDB and the
+    sentiment ones on fixtures in the real formats and shapes, with tiny saved BERT / XLNet models; DynMM rows
+    that load their stage I from earlier runs start from fresh experts)."""
     dataset = compose_cfg(
         [f"experiment={experiment}"], return_hydra_config=True
     ).hydra.runtime.choices.dataset
@@ -327,8 +341,13 @@ def test_every_experiment_smoke_runs(
         ]
     if dataset == "mmimdb":
         extra = [f"paths.data_dir={mmimdb_fixture_dir}", FIXTURE_SIZES]
-    if dataset == "mosei":
-        extra = [f"paths.data_dir={mosei_fixture_dir}", FIXTURE_SIZES]
+    if dataset in SENTIMENT:
+        extra = [
+            f"paths.data_dir={sentiment_fixture_dir}",
+            f"paths.pretrained_dir={sentiment_fixture_dir / 'pretrained'}",
+            FIXTURE_SIZES,
+            "dataset.verify_checksums=false",
+        ]
     cfg = make_cfg(
         [
             f"experiment={experiment}",
