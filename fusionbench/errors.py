@@ -19,3 +19,11 @@ class ConfigError(FusionbenchError):
 
 class TrainingError(FusionbenchError):
     """Training cannot continue (non-finite loss, diverging solver, ...)."""
+
+
+def check_choices(node: str, choices: dict) -> None:
+    """``{key: (value, allowed values)}`` of config node ``node``: a `ConfigError` naming the first value
+    that is not allowed and the values that are."""
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{node}.{key}={value!r} is not one of {list(allowed)}.")

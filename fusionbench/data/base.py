@@ -7,6 +7,7 @@ nouns, and every place where order matters sorts them.
 from __future__ import annotations
 
 import hashlib
+import pickle
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,46 @@ class TensorDictDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return {"inputs": {m: x[i] for m, x in self.inputs.items()}, "target": self.target[i]}
+
+
+def read_pickle(path: Path, how_to_get: str) -> Any:
+    """A pickle's object (latin1 retried for a file written by Python 2's numpy); a `DatasetError` naming the
+    file and how to get it when it cannot be read."""
+    for encoding in ("ASCII", "latin1"):
+        try:
+            with open(path, "rb") as f:
+                return pickle.load(f, encoding=encoding)
+        except UnicodeDecodeError:
+            continue
+        except (
+            pickle.UnpicklingError,
+            EOFError,
+            AttributeError,
+            ImportError,
+            IndexError,
+            ValueError,
+            TypeError,
+        ) as e:
+            raise DatasetError(
+                f"{path} is not a readable pickle ({type(e).__name__}: {e}). {how_to_get}"
+            ) from None
+    raise DatasetError(f"{path} is not a readable pickle (no text encoding decodes it). {how_to_get}")
+
+
+def split_dict(data: Any, path: Path, keys: Sequence[str], layout: str, how_to_get: str) -> Mapping:
+    """``data`` checked to be a dict holding every split key (``keys``) of ``layout``'s pickle."""
+    names = ", ".join(f"'{k}'" for k in keys)
+    if not isinstance(data, Mapping):
+        raise DatasetError(
+            f"{path} holds a {type(data).__name__}; expected {layout}'s dict with keys {names}. {how_to_get}"
+        )
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise DatasetError(
+            f"{path} has no split(s) {missing}; it holds keys {sorted(map(str, data))}, expected {names} "
+            f"({layout}'s layout). {how_to_get}"
+        )
+    return data
 
 
 def sha256_file(path: Path) -> str:

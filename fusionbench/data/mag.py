@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fusionbench.data.base import FusionDataModule, TensorDictDataset
+from fusionbench.data.base import FusionDataModule, TensorDictDataset, read_pickle, split_dict
 from fusionbench.data.mosi_cmbert import EXTRA_METRICS, sign_counts
 from fusionbench.data.text import (
     FIXTURE_WORDS,
@@ -151,33 +151,8 @@ class MAGDataModule(FusionDataModule):
 
     # -- loading -----------------------------------------------------------------------------
     def read_pickle(self) -> Mapping:
-        try:
-            with open(self.path, "rb") as f:
-                data = pickle.load(f)
-        except (
-            pickle.UnpicklingError,
-            EOFError,
-            AttributeError,
-            ImportError,
-            IndexError,
-            ValueError,
-            TypeError,
-        ) as e:
-            raise DatasetError(
-                f"{self.path} is not a readable pickle ({type(e).__name__}: {e}). {self.how_to_get}"
-            ) from None
-        if not isinstance(data, Mapping):
-            raise DatasetError(
-                f"{self.path} holds a {type(data).__name__}; expected MAG's dict with keys 'train', 'dev', "
-                f"'test'. {self.how_to_get}"
-            )
-        missing = [k for k in PICKLE_SPLITS.values() if k not in data]
-        if missing:
-            raise DatasetError(
-                f"{self.path} has no split(s) {missing}; it holds keys {sorted(map(str, data))}, expected "
-                f"'train', 'dev', 'test' (MAG's layout). {self.how_to_get}"
-            )
-        return data
+        data = read_pickle(self.path, self.how_to_get)
+        return split_dict(data, self.path, list(PICKLE_SPLITS.values()), "MAG", self.how_to_get)
 
     def _samples(self, split: str, raw: Any) -> tuple[list[list[str]], np.ndarray, np.ndarray]:
         """Words, concatenated [audio | vision] rows per word (list of (T, da + dv)) and scores (N,)."""

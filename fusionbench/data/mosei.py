@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fusionbench.data.base import FusionDataModule, TensorDictDataset
+from fusionbench.data.base import FusionDataModule, TensorDictDataset, read_pickle, split_dict
 from fusionbench.errors import DatasetError
 
 log = logging.getLogger("fusionbench")
@@ -144,34 +144,11 @@ class MOSEIDataModule(FusionDataModule):
         return [self.file]
 
     # -- loading -----------------------------------------------------------------------------
-    def read_pickle(self) -> dict:
-        try:
-            with open(self.path, "rb") as f:
-                data = pickle.load(f)
-        except (
-            pickle.UnpicklingError,
-            EOFError,
-            AttributeError,
-            ImportError,
-            IndexError,
-            ValueError,
-            TypeError,
-        ) as e:
-            raise DatasetError(
-                f"{self.path} is not a readable pickle ({type(e).__name__}: {e}). {self.how_to_get}"
-            ) from None
-        if not isinstance(data, Mapping):
-            raise DatasetError(
-                f"{self.path} holds a {type(data).__name__}; expected MultiBench's dict with keys 'train', "
-                f"'valid', 'test'. {self.how_to_get}"
-            )
-        missing = [k for k in PICKLE_SPLITS.values() if k not in data]
-        if missing:
-            raise DatasetError(
-                f"{self.path} has no split(s) {missing}; it holds keys {sorted(map(str, data))}, expected "
-                f"'train', 'valid', 'test' (MultiBench's affect layout). {self.how_to_get}"
-            )
-        return data
+    def read_pickle(self) -> Mapping:
+        data = read_pickle(self.path, self.how_to_get)
+        return split_dict(
+            data, self.path, list(PICKLE_SPLITS.values()), "MultiBench's affect", self.how_to_get
+        )
 
     def _split_arrays(self, split: str, raw: Any) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """The modalities this run needs (float32, (N, seq_len, width)) and the scores (N,) of one split,

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fusionbench.data.base import FusionDataModule, TensorDictDataset
+from fusionbench.data.base import FusionDataModule, TensorDictDataset, read_pickle
 from fusionbench.data.text import (
     FIXTURE_WORDS,
     WordVocab,
@@ -50,6 +50,7 @@ from fusionbench.data.text import (
     words_of,
 )
 from fusionbench.errors import DatasetError
+from fusionbench.metrics.sentiment import SENTIMENT
 
 log = logging.getLogger("fusionbench")
 
@@ -62,19 +63,7 @@ SEQ_LEN = 50
 AUDIO_DIM = 5
 WORDS = "words"
 NONFINITE = ("error", "zero")
-# every sentiment variant, each named (fusionbench/metrics/sentiment.py): CM-BERT / DEQ report acc2_all_gt0
-EXTRA_METRICS = (
-    "acc2_non0",
-    "acc2_has0",
-    "acc2_all_gt0",
-    "f1w_non0",
-    "f1w_has0",
-    "f1w_all_gt0",
-    "acc7",
-    "acc5",
-    "mae_non0",
-    "pearson_non0",
-)
+EXTRA_METRICS = SENTIMENT  # every sentiment variant, each named; CM-BERT / DEQ report acc2_all_gt0
 HOW_TO_GET = (
     "Copy data/text/{train,dev,test}.tsv and data/audio/MOSI_cmu_audio_CLS.pickle of "
     "github.com/thuiar/Cross-Modal-BERT into text/ and audio/ of this folder (the audio only with the audio "
@@ -212,25 +201,7 @@ class CMBERTMOSIDataModule(FusionDataModule):
     def read_audio(self, rows: Mapping[str, int]) -> dict[str, np.ndarray]:
         """The pickle's three arrays as float32 (N, L, audio_dim), checked against the tsvs' row counts."""
         path = self.data_dir / AUDIO_FILE
-        data = None
-        for encoding in ("ASCII", "latin1"):  # latin1: a pickle written by Python 2 numpy
-            try:
-                with open(path, "rb") as f:
-                    data = pickle.load(f, encoding=encoding)
-                break
-            except UnicodeDecodeError:
-                continue
-            except (
-                pickle.UnpicklingError,
-                EOFError,
-                AttributeError,
-                ImportError,
-                IndexError,
-                ValueError,
-            ) as e:
-                raise DatasetError(
-                    f"{path} is not a readable pickle ({type(e).__name__}: {e}). {self.how_to_get}"
-                ) from None
+        data = read_pickle(path, self.how_to_get)
         if not isinstance(data, (tuple, list)) or len(data) != 3:
             what = f"a {len(data)}-tuple" if isinstance(data, (tuple, list)) else f"a {type(data).__name__}"
             raise DatasetError(

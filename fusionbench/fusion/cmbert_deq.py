@@ -80,10 +80,10 @@ from torch import nn
 from torchdeq.loss import jac_reg
 from torchdeq.solver import get_solver
 
-from fusionbench.errors import ConfigError, TrainingError
+from fusionbench.errors import ConfigError, check_choices
 from fusionbench.fusion.cmbert import MODALITIES, CMBERTFusion, Conv1x1
 from fusionbench.fusion.deq.model import SOLVERS  # importing it also registers the "<solver>_global" solvers
-from fusionbench.fusion.deq.solve import SolveStats, implicit, phantom
+from fusionbench.fusion.deq.solve import SolveStats, count_failure, implicit, phantom
 
 BN_STATS = ("every_call", "once")
 
@@ -241,9 +241,7 @@ class CMBERTDEQFusion(CMBERTFusion):
             "residual_norm": (residual_norm, ("sample", "batch")),
             "grad": (grad, ("ift", "phantom")),
         }
-        for key, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise ConfigError(f"fusion.{key}={value!r} is not one of {list(allowed)}.")
+        check_choices("fusion", choices)
         if seq_len < 1 or jac_weight < 0 or not 0 <= jac_freq <= 1 or b_failure_tol <= 0:
             raise ConfigError(
                 "fusion.seq_len must be >= 1, jac_weight >= 0, jac_freq in [0, 1] and b_failure_tol > 0; got "
@@ -355,18 +353,14 @@ class CMBERTDEQFusion(CMBERTFusion):
         failed = ~(rel <= self.failure_tol)  # NaN compares False: a NaN solve has failed
         self.forward_stats["train" if self.training else "eval"].add(failed, rel)
         if self.training:
-            if bool(failed.any()):  # one host sync per training step, after the solve
-                self.consecutive_failures += 1
-                if self.consecutive_failures >= self.max_failures:
-                    raise TrainingError(
-                        f"The CM-BERT DEQ fusion solver failed to converge on {self.consecutive_failures} "
-                        f"consecutive training steps (relative residual {float(rel.max()):.3g} > "
-                        f"fusion.failure_tol={self.failure_tol:.3g}). Try more iterations "
-                        "(fusion.f_max_iter), a larger fusion.jac_weight, or a lower learning rate for the "
-                        "fusion group."
-                    )
-            else:
-                self.consecutive_failures = 0
+            why = f"relative residual {float(rel.max()):.3g} > fusion.failure_tol={self.failure_tol:.3g}"
+            count_failure(
+                self,
+                failed,
+                f"The CM-BERT DEQ fusion solver failed to converge on {{n}} consecutive training steps "
+                f"({why}). Try more iterations (fusion.f_max_iter), a larger fusion.jac_weight, or a lower "
+                "learning rate for the fusion group.",
+            )
         return {
             "deq/nstep": stats["nstep"].float().mean(),
             "deq/abs_residual": stats["abs_lowest"].detach().mean(),

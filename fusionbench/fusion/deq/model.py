@@ -68,10 +68,17 @@ from torch.nn import functional as F
 from torchdeq.loss import jac_reg
 from torchdeq.solver import get_solver, register_solver
 
-from fusionbench.errors import ConfigError, TrainingError
+from fusionbench.errors import ConfigError, check_choices
 from fusionbench.fusion.base import EncoderFusion, require_equal_dims
 from fusionbench.fusion.deq.graph import SolveGraphs
-from fusionbench.fusion.deq.solve import ImplicitGrad, SolveStats, anderson_fixed, implicit, phantom
+from fusionbench.fusion.deq.solve import (
+    ImplicitGrad,
+    SolveStats,
+    anderson_fixed,
+    count_failure,
+    implicit,
+    phantom,
+)
 
 log = logging.getLogger("fusionbench")
 
@@ -223,9 +230,7 @@ class DEQFusion(EncoderFusion):
             "residual_norm": (residual_norm, ("sample", "batch")),
             "grad": (grad, ("ift", "phantom")),
         }
-        for key, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise ConfigError(f"fusion.{key}={value!r} is not one of {list(allowed)}.")
+        check_choices("fusion", choices)
         if jac_weight < 0 or not 0 <= jac_freq <= 1 or depth < 1:
             raise ConfigError(
                 f"fusion.jac_weight must be >= 0, jac_freq in [0, 1] and depth >= 1, got {jac_weight}, "
@@ -473,20 +478,14 @@ class DEQFusion(EncoderFusion):
         failed = ~(residual <= self.failure_tol)  # NaN compares False: a NaN solve has failed
         self.forward_stats["train" if self.training else "eval"].add(failed, residual)
         if self.training:
-            # one host sync per training step, after the solve: decides whether training may go on.
-            # Per-epoch shares are logged and warned about by `DEQMonitor`, not here per batch.
-            if bool(failed.any()):
-                self.consecutive_failures += 1
-                if self.consecutive_failures >= self.max_failures:
-                    raise TrainingError(
-                        f"The DEQ fusion solver failed to converge on {self.consecutive_failures} "
-                        f"consecutive training steps (last {self.f_stop_mode} residual "
-                        f"{float(residual.max()):.3g}, tolerance {self.failure_tol:.3g}). Try more "
-                        "iterations (fusion.f_max_iter), a Jacobian penalty (fusion.jac_weight=1.0 or "
-                        "more), another solver (fusion.f_solver=broyden), or a lower learning rate."
-                    )
-            else:
-                self.consecutive_failures = 0
+            why = f"last {self.f_stop_mode} residual {float(residual.max()):.3g}, tol {self.failure_tol:.3g}"
+            count_failure(
+                self,
+                failed,
+                f"The DEQ fusion solver failed to converge on {{n}} consecutive training steps ({why}). "
+                "Try more iterations (fusion.f_max_iter), a Jacobian penalty (fusion.jac_weight=1.0 or "
+                "more), another solver (fusion.f_solver=broyden), or a lower learning rate.",
+            )
         return {
             "deq/nstep": stats["nstep"].float().mean(),
             f"deq/{self.f_stop_mode}_residual": residual.mean(),

@@ -21,7 +21,21 @@ from collections.abc import Callable
 import torch
 from torch import autograd
 
+from fusionbench.errors import TrainingError
+
 Func = Callable[[torch.Tensor], torch.Tensor]
+
+
+def count_failure(model, failed: torch.Tensor, message: str) -> None:
+    """Count ``model.consecutive_failures``, the training steps in a row whose forward solve failed for some
+    sample (one host sync per step, after the solve); at ``model.max_failures`` raise a `TrainingError` with
+    ``message`` (``{n}`` stands for the count). `DEQMonitor` logs and warns about per-epoch shares."""
+    if not bool(failed.any()):
+        model.consecutive_failures = 0
+        return
+    model.consecutive_failures += 1
+    if model.consecutive_failures >= model.max_failures:
+        raise TrainingError(message.replace("{n}", str(model.consecutive_failures)))
 
 
 class SolveStats:
