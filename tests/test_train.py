@@ -24,6 +24,8 @@ FUSIONS = sorted(p.stem for p in (ROOT / "configs" / "fusion").glob("*.yaml"))
 @pytest.mark.parametrize("fusion", token_aware(FUSIONS))
 def test_fast_dev_run_every_fusion(fusion, make_cfg):
     extra = ["dataset.modalities=[image]"] if fusion == "unimodal" else []
+    if fusion == "mi_matrix":  # a bilinear map of exactly two modalities
+        extra = ["dataset.modalities=[image,text]"]
     if fusion.startswith("early_sequence") or fusion.startswith(
         "mult"
     ):  # stacks equal-length series (B, T, 1) along the feature axis
@@ -77,6 +79,9 @@ def interrupted(cfg, monkeypatch, epoch: int) -> None:
 
     interrupt_after(monkeypatch, epoch)
     handler = signal.getsignal(signal.SIGINT)
+    # Ctrl-C's own handler, whatever an earlier test in this worker left (Lightning ignores SIGINT after an
+    # interrupted fit; with SIGINT ignored the run would not stop and the test would depend on test order)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(SystemExit):  # Lightning's graceful shutdown after a KeyboardInterrupt
             train(cfg)
@@ -277,6 +282,33 @@ def sentiment_fixture_dir(tmp_path_factory):
 SENTIMENT = ("mosei", "mosi", "mosi_cmbert", "mosi_words", "mosi_mag", "mosei_mag")
 
 
+@pytest.fixture(scope="module")
+def media_fixture_dir(tmp_path_factory):
+    """Raw MM-IMDB (split.json, per-movie json + jpeg poster: 6 / 2 / 2 movies) and VQA-v2 (official
+    question and annotation files, MCAN's per-image npz features, MCAN's answer dictionary when the shared
+    copy is here), plus a tiny saved BERT as bert-base-uncased."""
+    from fusionbench.data import mmimdb_raw, vqa
+    from fusionbench.data.text import FIXTURE_WORDS
+    from fusionbench.encoders.pretrained import save_tiny_pretrained
+
+    root = tmp_path_factory.mktemp("data")
+    mmimdb_raw.write_fixture(root / "mmimdb_raw", {"train": 6, "val": 2, "test": 2})
+    answers = ROOT.parent / "shared" / "data" / "vqa_v2" / "mcan_answer_dict.json"
+    vqa.write_fixture(
+        root / "vqa_v2", n_images=4, n_questions=8, answer_dict=answers if answers.is_file() else None
+    )
+    save_tiny_pretrained(root / "pretrained" / "bert-base-uncased", "bert", FIXTURE_WORDS)
+    return root
+
+
+# one-batch sizes of the VQA models (the paper sizes have 30-200 M parameters)
+TINY_VQA = {
+    "mcan": "hidden=16 heads=2 ff=32 layers=1 flat_mlp=8 flat_glimpses=1 flat_out=16",
+    "mutan": "embed_dim=6 question_dim=8 att_dim_hv=5 att_dim_hq=5 att_dim_mm=7 att_rank=2 dim_hv=8 dim_hq=4 "
+    "dim_mm=6 rank=3",
+}
+
+
 def smoke_experiments() -> list[str]:
     """One experiment per distinct code path: every recipe file and every table row, except that the rows of a
     recipe that choose the same configs and switches (strings and booleans) and differ only in numbers, lists
@@ -306,7 +338,13 @@ FIXTURE_SIZES = "dataset.num_samples={train: 24, val: 8, test: 8}"
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_smoke_runs(
-    experiment, make_cfg, brca_fixture_dir, avmnist_fixture_dir, mmimdb_fixture_dir, sentiment_fixture_dir
+    experiment,
+    make_cfg,
+    brca_fixture_dir,
+    avmnist_fixture_dir,
+    mmimdb_fixture_dir,
+    sentiment_fixture_dir,
+    media_fixture_dir,
 ):
     """One batch of train/val/test of each experiment of `smoke_experiments` (BRCA, AV-MNIST, MM-IMDB and the
     sentiment ones on fixtures in the real formats and shapes, with tiny saved BERT / XLNet models; DynMM rows
@@ -341,6 +379,34 @@ def test_every_experiment_smoke_runs(
         ]
     if dataset == "mmimdb":
         extra = [f"paths.data_dir={mmimdb_fixture_dir}", FIXTURE_SIZES]
+    if dataset == "mmimdb_raw":  # ResNet-18 at random instead of the saved VGG-16 / ResNet-152 weights
+        extra = [
+            f"paths.data_dir={media_fixture_dir}",
+            f"paths.pretrained_dir={media_fixture_dir / 'pretrained'}",
+            "dataset.num_samples={train: 6, val: 2, test: 2}",
+            "dataset.max_len=32",
+            "dataset.image_size=32",
+            "dataset.resize=36",
+            "dataset.num_workers=0",
+            "dataset.batch_size=2",
+            "trainer.accumulate_grad_batches=1",
+            "backbone.image.arch=resnet18",
+            "backbone.image.random_init=true",
+            "backbone.image.weights=null",
+            "backbone.image.proj_dim=32",  # the tiny BERT's width, which DEQ fusion needs on both sides
+        ]
+    if dataset == "vqa":
+        model = compose_cfg([f"experiment={experiment}"]).fusion._target_.split(".")[-1]
+        sizes = TINY_VQA["mcan" if model == "MCANFusion" else "mutan"].split()
+        extra = [
+            f"paths.data_dir={media_fixture_dir}",
+            "dataset.num_samples=null",
+            "dataset.verify_checksums=false",
+            "dataset.val_from_train=0.0",
+            "dataset.batch_size=4",
+            "dataset.num_workers=0",
+            *[f"fusion.{kv}" for kv in sizes],
+        ]
     if dataset in SENTIMENT:
         extra = [
             f"paths.data_dir={sentiment_fixture_dir}",
@@ -371,6 +437,8 @@ def test_every_experiment_smoke_runs(
         assert len(curve["mse"]) == len(cfg.robustness.levels) and all(math.isfinite(v) for v in curve["mse"])
     if objs["datamodule"].task_type == "regression":
         assert math.isfinite(result["metrics"]["test/mse"])
+    elif objs["datamodule"].task_type == "vqa":
+        assert 0.0 <= result["metrics"]["test/vqa_acc"] <= 1.0
     else:
         assert 0.0 <= result["metrics"]["test/acc"] <= 1.0
 
