@@ -51,7 +51,7 @@ NOT_HASHED = (
 )
 # top-level keys added after runs were recorded: left out of the hash at the value that reproduces the
 # behaviour before them, so the records made before they existed still match their configuration
-NEUTRAL = {"scheduler_interval": "epoch", "optimizer_groups": None}
+NEUTRAL = {"scheduler_interval": "epoch", "optimizer_groups": None, "scheduler_monitor": None}
 CONFIG_FILE = Path(".hydra") / "config.yaml"
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 

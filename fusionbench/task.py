@@ -31,6 +31,8 @@ def task_loss(
         return F.cross_entropy(logits, target.long())
     if task_type == "multilabel":
         return F.binary_cross_entropy_with_logits(logits, target.float())
+    if task_type == "vqa":  # MCAN: BCE on the soft answer scores, summed over answers, mean over the batch
+        return F.binary_cross_entropy_with_logits(logits, target.float(), reduction="sum") / len(target)
     if task_type == "regression":
         return F.mse_loss(logits.reshape(target.shape).float(), target.float())
     raise ValueError(f"unknown task_type {task_type!r}")
@@ -51,6 +53,7 @@ class FusionTask(pl.LightningModule):
         default group (the optimizer's own lr and weight decay). Frozen parameters are left out.
     scheduler_interval: ``epoch`` or ``step`` (warmups such as `fusionbench.schedules.linear_warmup`).
         A scheduler factory that takes ``total_steps`` gets the trainer's estimated optimizer steps.
+    scheduler_monitor: the logged metric a ``ReduceLROnPlateau`` scheduler steps on (e.g. ``val/f1_micro``).
     """
 
     def __init__(
@@ -65,12 +68,14 @@ class FusionTask(pl.LightningModule):
         extra_metrics: tuple[str, ...] | list[str] = (),
         optimizer_groups: Sequence[Mapping[str, Any]] | None = None,
         scheduler_interval: str = "epoch",
+        scheduler_monitor: str | None = None,
     ) -> None:
         super().__init__()
         if scheduler_interval not in ("epoch", "step"):
             raise TrainingError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}.")
         self.optimizer_groups = [dict(g) for g in optimizer_groups or []]
         self.scheduler_interval = scheduler_interval
+        self.scheduler_monitor = scheduler_monitor
         self.model = model
         self.task_type = task_type
         self.optimizer_factory = optimizer
@@ -141,7 +146,9 @@ class FusionTask(pl.LightningModule):
         for key, value in out.info.items():
             self.log(f"{stage}/{key}", value, on_step=False, on_epoch=True, batch_size=n, sync_dist=sync)
         metrics = getattr(self, f"{stage}_metrics")
-        metrics.update(*prepare_for_metrics(self.task_type, out.logits.detach(), target))
+        # batch["meta"] (VQA: answer types, question ids) reaches the metrics whose update() takes those keys
+        meta = batch.get("meta") or {}
+        metrics.update(*prepare_for_metrics(self.task_type, out.logits.detach(), target), **meta)
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=n)
         return total
 
@@ -212,5 +219,6 @@ class FusionTask(pl.LightningModule):
             "lr_scheduler": {
                 "scheduler": factory(optimizer=optimizer, **extra),
                 "interval": self.scheduler_interval,
+                **({"monitor": self.scheduler_monitor} if self.scheduler_monitor else {}),
             },
         }

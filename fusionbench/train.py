@@ -228,6 +228,7 @@ def build(cfg: DictConfig) -> tuple[FusionDataModule, FusionTask]:
         if cfg.get("optimizer_groups")
         else None,
         scheduler_interval=cfg.get("scheduler_interval", "epoch"),
+        scheduler_monitor=cfg.get("scheduler_monitor"),
     )
     return dm, task
 

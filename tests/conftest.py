@@ -23,13 +23,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs 2 workers on 2 cor
     os.environ["OMP_NUM_THREADS"] = "1"  # also for the runs tests start as subprocesses
     torch.set_num_threads(1)
 
-# Fusions that read token-level text (a pretrained language model's hidden states) and word-aligned features:
-# the synthetic dataset has neither; each is trained end to end on its own dataset's fixture in its test file.
+# Fusions that read token-level text (a pretrained language model's hidden states, VQA question ids) and
+# word-aligned or region features: the synthetic dataset has none; each is trained end to end on its own
+# dataset's fixture in its test file.
 TOKEN_FUSIONS = {
     "cmbert": "test_cmbert.py",
     "cmbert_deq": "test_cmbert.py",
     "mag": "test_mag.py",
     "mmim": "test_mmim.py",
+    "mcan": "test_mcan.py",
+    "mcan_deq": "test_mcan.py",
+    "mutan": "test_mutan.py",
+    "mutan_deq": "test_mutan.py",
 }
 
 

@@ -88,6 +88,8 @@ def test_explicit_input_dim_must_match_the_data():
 @pytest.mark.parametrize("fusion", token_aware(options("fusion")))
 def test_every_fusion_builds_on_synthetic(fusion):
     extra = ["dataset.modalities=[text]"] if fusion == "unimodal" else []
+    if fusion == "mi_matrix":  # a bilinear map of exactly two modalities
+        extra = ["dataset.modalities=[image,text]"]
     if fusion.startswith("early_sequence") or fusion.startswith(
         "mult"
     ):  # stacks equal-length series (B, T, 1) along the feature axis
@@ -173,6 +175,17 @@ def test_slurm_launcher_and_seed_sweep_compose():
     assert (
         OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["subdir"] == "${experiment_name}/seed=${seed}"
     )
+
+
+def test_multinode_slurm_launcher_follows_the_trainer():
+    """launcher=slurm_ddp: one job whose SLURM tasks are the DDP processes (one per GPU on every node)."""
+    cfg = compose_cfg(
+        ["launcher=slurm_ddp", "trainer.devices=4", "trainer.num_nodes=2"], return_hydra_config=True
+    )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.max_num_timeout == 3
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
+    assert cfg.trainer.strategy == "ddp" and cfg.trainer.precision == "bf16-mixed"
 
 
 def run_cli(*args: str, tmp_path) -> subprocess.CompletedProcess:

@@ -6,11 +6,13 @@ from fusionbench.data.generative import GenerativeDataModule
 from fusionbench.data.lattice import LatticeDataModule
 from fusionbench.data.mag import MAGDataModule
 from fusionbench.data.mmimdb import MMIMDBDataModule
+from fusionbench.data.mmimdb_raw import MMIMDBRawDataModule
 from fusionbench.data.mogonet import MogonetDataModule
 from fusionbench.data.mosei import MOSEIDataModule
 from fusionbench.data.mosi_cmbert import CMBERTMOSIDataModule
 from fusionbench.data.stocks import StocksDataModule
 from fusionbench.data.synthetic import SyntheticDataModule
+from fusionbench.data.vqa import VQADataModule
 
 __all__ = [
     "AVMNISTDataModule",
@@ -20,9 +22,11 @@ __all__ = [
     "LatticeDataModule",
     "MAGDataModule",
     "MMIMDBDataModule",
+    "MMIMDBRawDataModule",
     "MOSEIDataModule",
     "MogonetDataModule",
     "StocksDataModule",
     "SyntheticDataModule",
     "TensorDictDataset",
+    "VQADataModule",
 ]

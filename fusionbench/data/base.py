@@ -1,7 +1,9 @@
 """Datamodule base: the batch contract, task description and the file guard.
 
-Batch contract: ``{"inputs": {modality: Tensor}, "target": Tensor}``; modality keys are lowercase
-nouns, and every place where order matters sorts them.
+Batch contract: ``{"inputs": {modality: Tensor}, "target": Tensor}``, optionally ``"meta": {key: Tensor}``
+(per-sample facts that are neither input nor target, e.g. VQA answer types: the task hands them to the
+metrics whose ``update`` takes those keys); modality keys are lowercase nouns, and every place where order
+matters sorts them.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fusionbench.errors import DatasetError
 
-TASK_TYPES = ("multiclass", "multilabel", "regression")
+TASK_TYPES = ("multiclass", "multilabel", "regression")  # the synthetic data's; VQA adds "vqa" (soft scores)
 
 
 class TensorDictDataset(Dataset):
@@ -69,13 +71,13 @@ def split_dict(data: Any, path: Path, keys: Sequence[str], layout: str, how_to_g
     names = ", ".join(f"'{k}'" for k in keys)
     if not isinstance(data, Mapping):
         raise DatasetError(
-            f"{path} holds a {type(data).__name__}; expected {layout}'s dict with keys {names}. {how_to_get}"
+            f"{path} holds a {type(data).__name__}; expected {layout}: a dict with keys {names}. {how_to_get}"
         )
     missing = [k for k in keys if k not in data]
     if missing:
         raise DatasetError(
             f"{path} has no split(s) {missing}; it holds keys {sorted(map(str, data))}, expected {names} "
-            f"({layout}'s layout). {how_to_get}"
+            f"({layout}). {how_to_get}"
         )
     return data
 

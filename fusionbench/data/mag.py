@@ -152,7 +152,7 @@ class MAGDataModule(FusionDataModule):
     # -- loading -----------------------------------------------------------------------------
     def read_pickle(self) -> Mapping:
         data = read_pickle(self.path, self.how_to_get)
-        return split_dict(data, self.path, list(PICKLE_SPLITS.values()), "MAG", self.how_to_get)
+        return split_dict(data, self.path, list(PICKLE_SPLITS.values()), "MAG's pickle", self.how_to_get)
 
     def _samples(self, split: str, raw: Any) -> tuple[list[list[str]], np.ndarray, np.ndarray]:
         """Words, concatenated [audio | vision] rows per word (list of (T, da + dv)) and scores (N,)."""

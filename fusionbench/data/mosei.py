@@ -147,7 +147,7 @@ class MOSEIDataModule(FusionDataModule):
     def read_pickle(self) -> Mapping:
         data = read_pickle(self.path, self.how_to_get)
         return split_dict(
-            data, self.path, list(PICKLE_SPLITS.values()), "MultiBench's affect", self.how_to_get
+            data, self.path, list(PICKLE_SPLITS.values()), "MultiBench's affect pickle", self.how_to_get
         )
 
     def _split_arrays(self, split: str, raw: Any) -> tuple[dict[str, np.ndarray], np.ndarray]:

@@ -3,7 +3,8 @@ the modality's tensor and an optional ``context`` (feedback from a fusion, used 
 Encoders that accept a context subclass `ContextEncoder` (`context.py`)."""
 
 from fusionbench.encoders.context import ContextEncoder, ContextJoin
-from fusionbench.encoders.identity import IdentityEncoder, SequenceIdentityEncoder
+from fusionbench.encoders.identity import IdentityEncoder, SequenceIdentityEncoder, TokenIdentityEncoder
+from fusionbench.encoders.image import PretrainedImageEncoder
 from fusionbench.encoders.lenet import LeNetEncoder
 from fusionbench.encoders.mlp import MLPEncoder
 from fusionbench.encoders.patch import PatchEncoder
@@ -20,8 +21,10 @@ __all__ = [
     "LeNetEncoder",
     "MLPEncoder",
     "PatchEncoder",
+    "PretrainedImageEncoder",
     "PretrainedTextEncoder",
     "SequenceIdentityEncoder",
     "TokenEncoder",
+    "TokenIdentityEncoder",
     "TransformerSeqEncoder",
 ]

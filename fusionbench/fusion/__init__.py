@@ -16,11 +16,14 @@ from fusionbench.fusion.gradient_blend import GradientBlendFusion
 from fusionbench.fusion.lowrank import LowRankTensorFusion
 from fusionbench.fusion.mag import MAGFusion
 from fusionbench.fusion.mbt import MBTFusion
+from fusionbench.fusion.mcan import MCANFusion
 from fusionbench.fusion.mfas import MFASFusion
 from fusionbench.fusion.mfm import MFMFusion
+from fusionbench.fusion.mi_matrix import MIMatrixFusion
 from fusionbench.fusion.mmdynamics import MMDynamics
 from fusionbench.fusion.mmim import MMIMFusion
 from fusionbench.fusion.mult import MulTFusion
+from fusionbench.fusion.mutan import MutanFusion
 from fusionbench.fusion.profusion import ProFusion
 from fusionbench.fusion.refnet import RefNetFusion
 from fusionbench.fusion.sum import SumFusion
@@ -44,11 +47,14 @@ __all__ = [
     "LowRankTensorFusion",
     "MAGFusion",
     "MBTFusion",
+    "MCANFusion",
     "MFASFusion",
     "MFMFusion",
+    "MIMatrixFusion",
     "MMDynamics",
     "MMIMFusion",
     "MulTFusion",
+    "MutanFusion",
     "ProFusion",
     "RefNetFusion",
     "SumFusion",

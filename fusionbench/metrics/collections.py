@@ -56,6 +56,10 @@ def _base_metrics(task_type: str, num_outputs: int) -> MetricCollection:
                 "f1_macro": tm.classification.MultilabelF1Score(k, average="macro", threshold=0.5),
             }
         )
+    if task_type == "vqa":  # VQA accuracy overall and per answer type (fusionbench/metrics/vqa.py)
+        from fusionbench.metrics.vqa import make_vqa_metrics
+
+        return make_vqa_metrics()
     if task_type == "regression":
         return MetricCollection(
             {
@@ -75,6 +79,8 @@ def prepare_for_metrics(
         return logits.softmax(-1), target.long()
     if task_type == "multilabel":
         return logits.sigmoid(), target.long()
+    if task_type == "vqa":  # soft answer scores: accuracy reads target[argmax(logits)]
+        return logits, target.float()
     if logits.shape[-1] == 1:
         return logits.squeeze(-1), target.reshape(-1).float()
     return logits, target.float()
