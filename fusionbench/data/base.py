@@ -16,7 +16,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from fusionbench.errors import DatasetError
 
@@ -128,6 +128,24 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
     return torch.sort(torch.cat(keep)).values, torch.sort(torch.cat(held)).values
 
 
+class UnpaddedDistributedSampler(DistributedSampler):
+    """Evaluation shards without padding: rank r reads samples r, r + W, r + 2W, ... of W ranks, so every
+    sample is evaluated exactly once (shards differ in length by at most one). Lightning's own
+    `DistributedSampler` pads the split with up to W - 1 repeated samples, which the epoch's metrics would
+    count twice. Being a `DistributedSampler`, Lightning keeps it instead of injecting its own."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))
+        self.total_size = len(dataset)
+
+    def __iter__(self):
+        return iter(range(self.rank, self.total_size, self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
 class FusionDataModule(pl.LightningDataModule):
     """Base for every dataset.
 
@@ -225,10 +243,16 @@ class FusionDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         bs = self.batch_size if self.batch_size > 0 else len(dataset)
+        sampler = None
+        if not shuffle and torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            if world > 1:  # evaluation under DDP: every sample once (training shards come from Lightning)
+                sampler = UnpaddedDistributedSampler(dataset, world, torch.distributed.get_rank())
         return DataLoader(
             dataset,
             batch_size=bs,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
