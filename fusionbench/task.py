@@ -168,6 +168,11 @@ class FusionTask(pl.LightningModule):
     def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         self._step(batch, "test")
 
+    def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Unlabeled prediction (VQA test-dev): the logits' argmax and the batch's ``meta`` (question ids)."""
+        out = self.model(batch["inputs"])
+        return {"index": out.logits.argmax(-1), **(batch.get("meta") or {})}
+
     def teardown(self, stage: str) -> None:
         # ddp_spawn workers exit right after this hook. Closing the process group here, on every rank
         # after a barrier, keeps ranks from tearing gloo down at interpreter exit at different times,

@@ -233,6 +233,36 @@ def build(cfg: DictConfig) -> tuple[FusionDataModule, FusionTask]:
     return dm, task
 
 
+def write_predictions(
+    cfg: DictConfig, dm: FusionDataModule, task: FusionTask, trainer: pl.Trainer, test_ckpt: str | None
+) -> dict[str, Any] | None:
+    """A dataset with an unlabeled split to predict (VQA's ``predict_split=test-dev``): the tested weights'
+    answers in the official submission format, ``<output_dir>/predictions_<split>.json``; its entry in the
+    record. Multi-process runs skip it (say how to predict from their checkpoint in one process)."""
+    split = getattr(dm, "predict_split", None)
+    if not split or not hasattr(dm, "answers"):
+        return None
+    if trainer.world_size > 1:  # spawned ranks do not hand their predictions back: one process predicts
+        log.warning(
+            "dataset.predict_split=%s: predictions are written by single-process runs only; predict from "
+            "this run's checkpoint with `train=false ckpt_path=<run>/checkpoints/<best>.ckpt trainer=gpu`.",
+            split,
+        )
+        return {"split": split, "file": None, "skipped": "multi-process run"}
+    parts = trainer.predict(task, datamodule=dm, ckpt_path=test_ckpt)
+    from fusionbench.data.vqa import write_predictions as write_file
+
+    ids = [int(q) for p in parts for q in p["question_id"].tolist()]
+    answers = [dm.answers[i] for p in parts for i in p["index"].tolist()]
+    order = sorted(range(len(ids)), key=ids.__getitem__)
+    path = write_file(
+        Path(cfg.paths.output_dir) / f"predictions_{split}.json",
+        [ids[i] for i in order],
+        [answers[i] for i in order],
+    )
+    return {"split": split, "file": path.name, "questions": len(ids)}
+
+
 def load_tested(task: FusionTask, test_ckpt: str | None) -> None:
     """The tested checkpoint's weights; under ddp_spawn this process's module never saw them."""
     if test_ckpt:
@@ -308,6 +338,7 @@ def _run(
         test_ckpt = ckpt_path
     test_metrics = trainer.test(task, datamodule=dm, ckpt_path=test_ckpt)[0] if cfg.test else {}
 
+    predictions = write_predictions(cfg, dm, task, trainer, test_ckpt)
     if (cfg.test or cfg.get("robustness")) and trainer.is_global_zero:
         load_tested(task, test_ckpt)  # what follows looks at the tested weights
     robustness = (
@@ -324,6 +355,8 @@ def _run(
         result["kind"], result["evaluated_checkpoint"] = "evaluation", str(ckpt_path)
     if robustness is not None:
         result["robustness"] = robustness
+    if predictions is not None:
+        result["predictions"] = predictions
     for callback in callbacks:  # a method's callback adds its entries (DEQ solver convergence, DynMM timing)
         if hasattr(callback, "record"):
             result.update(callback.record(task=task, datamodule=dm, tested=bool(cfg.test)))

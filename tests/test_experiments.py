@@ -293,6 +293,8 @@ def test_every_table_row_names_an_experiment():
             f"{path.name}: baseline {spec.baseline} names an experiment nothing declares"
         )
         for row in spec.rows:
+            if row.get("cited"):  # reported numbers only
+                continue
             for x in xs:
                 names = [
                     row["experiment"]

@@ -268,3 +268,17 @@ def test_mcan_trains_on_the_vqa_fixture(fusion, make_cfg, tmp_path):
     keys = ["test/vqa_acc", "test/loss"] + (["test/deq/rel_residual"] if fusion == "mcan_deq" else [])
     for key in keys:
         assert math.isfinite(record["metrics"][key]), key
+
+
+def test_deq_diagnostics_trace_the_deq_layer_inside_mcan():
+    """`diagnostics.json` (Table 8 style traces) for the DEQ layer at MCAN's fusion point: on the two AttFlat
+    vectors the solver's residual falls below 1e-2 (plain iteration of the untrained layer does not: it is not
+    yet a contraction, which is why DEQ uses a root solver); MCAN without DEQ has nothing to trace."""
+    from fusionbench.fusion.deq.callbacks import deq_diagnostics
+
+    x = batch()
+    trace = deq_diagnostics(tiny(fusion_point="deq", deq_args={"f_max_iter": 30}), x, steps=20)
+    rel, solver = trace["iteration_rel_diff"], trace["solver_rel_residual"]
+    assert trace["mode"] == "deq" and trace["batch_size"] == 3 and len(rel) == 20
+    assert all(math.isfinite(v) for v in rel) and min(v for v in solver if v is not None) < 1e-2
+    assert deq_diagnostics(tiny(), x, steps=5) is None

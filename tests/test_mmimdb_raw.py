@@ -218,4 +218,4 @@ def test_one_batch_runs_end_to_end_with_hydra(make_cfg, tmp_path, tiny):
     record, objs = train(cfg)
     assert objs["trainer"].global_step == 1
     assert math.isfinite(record["metrics"]["test/f1_macro"])
-    assert objs["task"].model.encoders["image"].output_dim == 512
+    assert objs["task"].model.encoders["image"].output_dim == 768  # projected to BERT's width (proj_dim)

@@ -317,3 +317,19 @@ def test_trains_one_batch_on_the_vqa_fixture(fusion, tmp_path):
     assert torch.isfinite(loss) and any(
         not torch.equal(a, p) for a, p in zip(before, task.model.gru.parameters())
     )
+
+
+def test_deq_diagnostics_trace_the_deq_layer_inside_mutan():
+    """The convergence trace of the DEQ layer at Mutan's fusion point (and none without it)."""
+    import torch
+
+    from fusionbench.fusion import MutanFusion
+    from fusionbench.fusion.deq.callbacks import deq_diagnostics
+
+    torch.manual_seed(0)
+    x = {"image": torch.rand(2, 6, 5), "question": torch.tensor([[3, 4, 5, 0], [6, 7, 0, 0]])}
+    deq = MutanFusion(encoders(), 7, fusion_point="deq", deq_args=TINY_DEQ, **TINY).eval()
+    trace = deq_diagnostics(deq, x, steps=15)
+    assert trace["mode"] == "deq" and len(trace["iteration_rel_diff"]) == 15
+    assert trace["iteration_rel_diff"][-1] < trace["iteration_rel_diff"][0]
+    assert deq_diagnostics(MutanFusion(encoders(), 7, **TINY).eval(), x, steps=5) is None

@@ -252,3 +252,36 @@ def test_rows_tested_on_unconverged_deq_solves_or_early_checkpoints_are_flagged(
     assert "| Method † | 2/3 | 60.0 ± 0.0 | — |" in lines
     assert "Tested on unconverged DEQ solves" in md and "Base: seeds 1; Method: seeds 0." in md
     assert "Checkpoints selected before epoch 10 of runs that trained 3x longer: Base: seeds 1." in md
+
+
+def test_a_cited_row_shows_the_paper_numbers_and_asks_for_no_run(tmp_path):
+    """`cited: true` rows (a paper's method with no code here): the reported numbers, `cited` for runs, no
+    command to fill them, and a note naming them."""
+    import pandas as pd
+    import yaml
+
+    from fusionbench.tables.build import aggregate, to_markdown
+
+    raw = {
+        "name": "t",
+        "title": "T",
+        "seeds": 2,
+        "runs": ["runs"],
+        "command": "python train.py experiment={experiment}",
+        "reported_source": "Some paper",
+        "metrics": [{"key": "test/acc", "label": "Acc", "scale": 100, "digits": 1}],
+        "rows": [
+            {"label": "Ours", "experiment": "ours", "reported": {"test/acc": 0.5}},
+            {"label": "Theirs", "cited": True, "reported": {"test/acc": 0.612}},
+        ],
+    }
+    spec_file = tmp_path / "t.yaml"
+    spec_file.write_text(yaml.safe_dump(raw))
+    spec = TableSpec.load(spec_file)
+    md = to_markdown(spec, aggregate(spec, pd.DataFrame()))
+    assert "| Theirs | cited | — | 61.2 |" in md
+    assert "Cited rows (Theirs)" in md and "experiment=ours" in md and "experiment=None" not in md
+    raw["rows"][1]["experiment"] = "theirs"  # a cited row runs nothing, so it names no experiment
+    spec_file.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match="a cited row"):
+        TableSpec.load(spec_file)

@@ -71,3 +71,61 @@ def test_ddp_sim_vqa_scores_each_question_once(make_cfg, vqa_dir: Path) -> None:
         ), key
     with open(Path(cfg.paths.output_dir) / "metrics.json") as f:
         assert json.load(f)["status"] == "complete"
+
+
+@pytest.mark.slow  # six spawned processes, about two minutes
+def test_a_ddp_sim_vqa_run_killed_mid_training_resumes_to_the_uninterrupted_result(tmp_path, vqa_dir: Path):
+    """MCAN on VQA under `trainer=ddp_sim`: a rank killed after epoch 1's checkpoint (as a preempted node),
+    the same command relaunched; the record equals the uninterrupted run's (nothing lost or counted twice)."""
+    from test_run_folder import kill_and_resume
+
+    args = [
+        "dataset=vqa",
+        "fusion=mcan",
+        f"paths.data_dir={vqa_dir}",
+        "dataset.num_samples=null",
+        "dataset.verify_checksums=false",
+        "dataset.batch_size=2",
+        "dataset.num_workers=0",
+        *[f"fusion.{kv}" for kv in TINY_MCAN],
+        "seed=1",
+        "trainer=ddp_sim",
+        "trainer.max_epochs=3",
+        "logger=csv",
+        "callbacks.early_stopping.patience=100",
+        "trainer.enable_progress_bar=false",
+    ]
+    a, b, killed = kill_and_resume(tmp_path, args)
+    assert killed != 0 and a["metrics"] == b["metrics"] and a["best_val"] == b["best_val"]
+    assert a["global_steps"] == b["global_steps"] == 3 * 2  # 4 questions per rank, batches of 2, 3 epochs
+
+
+def test_test_dev_predictions_in_the_official_format(make_cfg, vqa_dir: Path) -> None:
+    """`dataset.predict_split=test-dev`: the tested weights answer every test-dev question once, in the
+    official submission format, and the record names the file."""
+    cfg = make_cfg(
+        [
+            "dataset=vqa",
+            "fusion=mcan",
+            f"paths.data_dir={vqa_dir}",
+            "dataset.num_samples=null",
+            "dataset.verify_checksums=false",
+            "dataset.batch_size=2",
+            "dataset.num_workers=0",
+            "dataset.predict_split=test-dev",
+            *[f"fusion.{kv}" for kv in TINY_MCAN],
+            "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false",
+            "logger=none",
+        ]
+    )
+    result, objs = train(cfg)
+    questions = json.loads(
+        (vqa_dir / "vqa_v2" / "v2_OpenEnded_mscoco_test-dev2015_questions.json").read_text()
+    )
+    expected = sorted(q["question_id"] for q in questions["questions"])
+    rows = json.loads((Path(cfg.paths.output_dir) / "predictions_test-dev.json").read_text())
+    assert [r["question_id"] for r in rows] == expected
+    answers = set(objs["datamodule"].answers)
+    assert all(isinstance(r["answer"], str) and r["answer"] in answers for r in rows)
+    assert result["predictions"] == {"split": "test-dev", "file": "predictions_test-dev.json", "questions": 7}

@@ -313,3 +313,12 @@ class MCANFusion(EncoderFusion):
 
     def fuse(self, embeddings: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.combine(embeddings)[0]
+
+    def deq_inputs(
+        self, inputs: Mapping[str, torch.Tensor]
+    ) -> tuple[DEQFusion | None, dict[str, torch.Tensor]]:
+        """The DEQ layer (None with ``fusion_point=sum``) and what it fuses, the two AttFlat vectors: what
+        `fusionbench.fusion.deq.callbacks.deq_diagnostics` traces."""
+        embeddings = self.encode(inputs)
+        image, question = self.features(embeddings["image"], embeddings["question"])
+        return self.deq, {"image": image, "question": question}

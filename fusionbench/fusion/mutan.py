@@ -316,6 +316,14 @@ class MutanFusion(EncoderFusion):
             z, aux, info = self.fusion(x_v, x_q), None, {}
         return self.drop_classif(z), aux, info
 
+    def deq_inputs(
+        self, inputs: Mapping[str, torch.Tensor]
+    ) -> tuple[DEQFusion | None, dict[str, torch.Tensor]]:
+        """The DEQ layer (None with ``fusion_point=mutan``) and what it fuses, the two inputs of the final
+        fusion: what `fusionbench.fusion.deq.callbacks.deq_diagnostics` traces."""
+        x_v, x_q = self.final_inputs(self.encode(inputs))
+        return (self.deq if self.fusion_point == "deq" else None), {"image": x_v, "question": x_q}
+
 
 def load_glove(embed: nn.Embedding, path: str | Path, vocab: Sequence[str] | None) -> None:
     """Copy the GloVe vectors of the vocabulary's words into ``embed`` (padding id 0 stays zero)."""

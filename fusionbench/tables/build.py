@@ -124,6 +124,13 @@ class TableSpec:
                         f"with {{x}}: {row}"
                     )
         for row in raw["rows"]:
+            if row.get("cited"):  # a paper's row with no code behind it: its reported numbers only
+                if kind != "metrics" or "label" not in row or not row.get("reported") or "experiment" in row:
+                    raise ValueError(
+                        f"{path}: a cited row (metrics tables only) has `label`, `reported` and no "
+                        f"`experiment`, got {row}"
+                    )
+                continue
             if "label" not in row or "experiment" not in row:
                 raise ValueError(f"{path}: every row needs `label` and `experiment`, got {row}")
         if raw.get("tradeoff"):
@@ -141,6 +148,18 @@ def aggregate(spec: TableSpec, runs: pd.DataFrame) -> list[dict[str, Any]]:
     """One dict per table row: n, and mean/std per metric (None where no run has it)."""
     out = []
     for row in spec.rows:
+        if row.get("cited"):
+            out.append(
+                {
+                    "label": row["label"],
+                    "experiment": None,
+                    "n": 0,
+                    "cited": True,
+                    "reported": row["reported"],
+                }
+                | {m.key: (None, None) for m in spec.metrics}
+            )
+            continue
         sel = runs[runs["experiment_name"] == row["experiment"]] if len(runs) else runs
         # seeds 0..seeds-1: a row shared with a table of more seeds averages the same runs as its own table
         if len(sel):
@@ -202,7 +221,8 @@ def table_cells(spec: TableSpec, rows: list[dict[str, Any]]) -> tuple[list[str],
     body = []
     for r in rows:
         label = r["label"] + (UNCONVERGED if r.get("unconverged") else "")
-        cells = [label, f"{r['n']}/{spec.seeds}"] + [_cell(m, *r[m.key]) for m in spec.metrics]
+        runs = "cited" if r.get("cited") else f"{r['n']}/{spec.seeds}"
+        cells = [label, runs] + [_cell(m, *r[m.key]) for m in spec.metrics]
         if spec.has_reported:
             cells += [
                 m.fmt(r["reported"].get(m.key)) if m.key in r["reported"] else DASH for m in spec.metrics
@@ -237,7 +257,13 @@ def notes(spec: TableSpec, rows: list[dict[str, Any]]) -> list[str]:
             + "; ".join(f"{r['label']}: seeds {', '.join(map(str, r['early']))}" for r in early)
             + "."
         )
-    missing = [r for r in rows if r["n"] < spec.seeds]
+    cited = [r["label"] for r in rows if r.get("cited")]
+    if cited:
+        lines.append(
+            f"Cited rows ({', '.join(cited)}): the paper's numbers for methods with no code in fusionbench; "
+            "nothing to run."
+        )
+    missing = [r for r in rows if r["n"] < spec.seeds and not r.get("cited")]
     if missing:
         lines.append(
             "Incomplete rows ("
@@ -269,7 +295,7 @@ def to_csv(spec: TableSpec, rows: list[dict[str, Any]]) -> str:
         head += [f"{m.key}:mean", f"{m.key}:std", f"{m.key}:reported"]
     w.writerow(head)
     for r in rows:
-        line = [r["label"], r["experiment"], r["n"], spec.seeds]
+        line = [r["label"], r["experiment"] or "cited", r["n"], spec.seeds]
         for m in spec.metrics:
             mean, std = r[m.key]
             rep = r["reported"].get(m.key)

@@ -42,6 +42,10 @@ def deq_diagnostics(
                 deq, embeddings = inner.fusion, last if last is not None else inner.features(inputs)[0]
             elif is_deq(inner):
                 deq, embeddings = inner, last if last is not None else inner.encode(inputs)
+            elif hasattr(inner, "deq_inputs") and last is None:  # a DEQ layer inside a model (MCAN, Mutan)
+                deq, embeddings = inner.deq_inputs(inputs)
+                if deq is None:
+                    return None
             else:
                 return None
             return {
