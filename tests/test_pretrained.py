@@ -208,3 +208,23 @@ def test_linear_warmup_by_hand() -> None:
     assert lrs == pytest.approx([0.0, 1.0, 2.0, 1.75, 1.5, 1.25, 1.0, 0.75, 0.5, 0.25, 0.0])
     with pytest.raises(ValueError, match="share of the training steps"):
         linear_warmup(opt, 10, warmup=1.0)
+
+
+def test_constant_baseline_learns_the_training_mean_and_costs_nothing() -> None:
+    """fusion=constant: one learned output for every sample; under MSE it converges to the targets' mean (the
+    floor of results/mosi_text.md), and it counts zero multiply-adds."""
+    from fusionbench.compute import count_madds
+    from fusionbench.fusion import ConstantFusion
+
+    model = ConstantFusion({"text": TokenEncoder(vocab_size=5)}, num_outputs=1)
+    assert [n for n, _ in model.named_parameters()] == ["bias"]  # the encoders are not kept
+    x = {"text": tokens([[2, 3]] * 4, 3)}
+    y = torch.tensor([[1.0], [2.0], [-0.5], [0.3]])
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    for _ in range(200):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x).logits, y).backward()
+        opt.step()
+    assert model(x).logits.shape == (4, 1)
+    assert torch.allclose(model(x).logits, y.mean().expand(4, 1), atol=1e-5)
+    assert count_madds(model.eval(), x).madds == 0

@@ -31,4 +31,6 @@ class ConstantFusion(nn.Module):
 
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> FusionOutput:
         batch = next(iter(inputs.values())).shape[0]
-        return FusionOutput(self.bias.expand(batch, -1), None, {})
+        # a copy, not a view: a view of a parameter made under no_grad requires grad without a grad_fn, which
+        # torch's module tracker (MAdds counting) rejects
+        return FusionOutput(self.bias.repeat(batch, 1), None, {})
