@@ -18,6 +18,20 @@ from fusionbench.train import train
 TINY_MCAN = ["hidden=16", "heads=2", "ff=32", "layers=1", "flat_mlp=8", "flat_glimpses=1", "flat_out=16"]
 
 
+def tiny_vqa(data_dir: Path) -> list[str]:
+    """A tiny MCAN on the VQA fixture under ``data_dir``, batches of 2."""
+    return [
+        "dataset=vqa",
+        "fusion=mcan",
+        f"paths.data_dir={data_dir}",
+        "dataset.num_samples=null",
+        "dataset.verify_checksums=false",
+        "dataset.batch_size=2",
+        "dataset.num_workers=0",
+        *[f"fusion.{kv}" for kv in TINY_MCAN],
+    ]
+
+
 @pytest.mark.parametrize("n, world", [(7, 2), (7, 3), (9, 3), (2, 4)])
 def test_evaluation_shards_cover_every_sample_once(n: int, world: int) -> None:
     import torch
@@ -44,14 +58,7 @@ def vqa_dir(tmp_path_factory) -> Path:
 
 def test_ddp_sim_vqa_scores_each_question_once(make_cfg, vqa_dir: Path) -> None:
     common = [
-        "dataset=vqa",
-        "fusion=mcan",
-        f"paths.data_dir={vqa_dir}",
-        "dataset.num_samples=null",
-        "dataset.verify_checksums=false",
-        "dataset.batch_size=2",
-        "dataset.num_workers=0",
-        *[f"fusion.{kv}" for kv in TINY_MCAN],
+        *tiny_vqa(vqa_dir),
         "trainer.enable_progress_bar=false",
         "logger=none",
     ]
@@ -80,14 +87,7 @@ def test_a_ddp_sim_vqa_run_killed_mid_training_resumes_to_the_uninterrupted_resu
     from test_run_folder import kill_and_resume
 
     args = [
-        "dataset=vqa",
-        "fusion=mcan",
-        f"paths.data_dir={vqa_dir}",
-        "dataset.num_samples=null",
-        "dataset.verify_checksums=false",
-        "dataset.batch_size=2",
-        "dataset.num_workers=0",
-        *[f"fusion.{kv}" for kv in TINY_MCAN],
+        *tiny_vqa(vqa_dir),
         "seed=1",
         "trainer=ddp_sim",
         "trainer.max_epochs=3",
@@ -105,15 +105,8 @@ def test_test_dev_predictions_in_the_official_format(make_cfg, vqa_dir: Path) ->
     official submission format, and the record names the file."""
     cfg = make_cfg(
         [
-            "dataset=vqa",
-            "fusion=mcan",
-            f"paths.data_dir={vqa_dir}",
-            "dataset.num_samples=null",
-            "dataset.verify_checksums=false",
-            "dataset.batch_size=2",
-            "dataset.num_workers=0",
+            *tiny_vqa(vqa_dir),
             "dataset.predict_split=test-dev",
-            *[f"fusion.{kv}" for kv in TINY_MCAN],
             "trainer.max_epochs=1",
             "trainer.enable_progress_bar=false",
             "logger=none",
