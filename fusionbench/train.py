@@ -229,6 +229,7 @@ def build(cfg: DictConfig) -> tuple[FusionDataModule, FusionTask]:
         else None,
         scheduler_interval=cfg.get("scheduler_interval", "epoch"),
         scheduler_monitor=cfg.get("scheduler_monitor"),
+        class_weights=getattr(dm, "class_weights", None),
     )
     return dm, task
 

@@ -5,6 +5,7 @@
     python scripts/prepare_data.py brca --from ~/Downloads/MOGONET/BRCA  # copy + verify into data/brca
     python scripts/prepare_data.py rosmap --verify                       # check what is in data/rosmap
     python scripts/prepare_data.py avmnist --mnist MNIST_DIR --fsdd FSDD_DIR  # build from MNIST + FSDD
+    python scripts/prepare_data.py nyuv2 --from nyu_depth_v2_labeled.mat      # ESANet's layout from the .mat
 
 The data root is the configs' `paths.data_dir`: $FUSIONBENCH_DATA_DIR when set, else data/ (--data-dir
 overrides both). `status` lists every config in configs/dataset/ as verified (every file matches its
@@ -15,6 +16,9 @@ folder it looked in and where the data comes from; it changes nothing and exits 
 Files are copied into a hidden staging folder beside the target and moved into place only when every
 file is present and matches its published checksum, so a failed import leaves nothing half-written.
 AV-MNIST is built (not copied) from MNIST + FSDD the same way; see fusionbench/data/avmnist_build.py.
+NYUv2 is written from the official labeled .mat (frame by frame) in ESANet's PNG layout, with the split and
+class maps shipped in data/nyuv2/ (--splits / --meta for others) and a SHA256SUMS that every run verifies;
+see fusionbench/data/nyuv2.py.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import fusionbench.train  # noqa: F401  (registers the fb.root resolver that pat
 from fusionbench import ROOT
 from fusionbench.data.avmnist import AVMNISTDataModule
 from fusionbench.data.avmnist_build import STAGING_OWNER, build_avmnist, remove_stale_staging
+from fusionbench.data.nyuv2 import META_DIR, NYUv2DataModule, prepare_nyuv2
 from fusionbench.errors import DatasetError, FusionbenchError
 
 MOGONET = ("brca", "rosmap")
@@ -116,7 +121,7 @@ def _unchecked(dm) -> list[str]:
     files = dm.required_files()
     if not dm.verify_checksums:
         return files
-    if isinstance(dm, AVMNISTDataModule):  # a local build's manifest.json holds the sha256 of every array
+    if isinstance(dm, (AVMNISTDataModule, NYUv2DataModule)):  # a local build's manifest covers every file
         return [] if dm.manifest is not None else files
     return [f for f in files if f not in dm.checksums]
 
@@ -143,7 +148,7 @@ def check_dataset(name: str, cfg: DictConfig, quick: bool = False) -> DatasetSta
             detail = f"none of its {len(files)} files: {_named(missing)}"
         else:
             detail = f"{len(missing)} of {len(files)} files missing: {_named(missing)}"
-        if not isinstance(dm, AVMNISTDataModule) and len(_unchecked(dm)) == len(files):
+        if not isinstance(dm, (AVMNISTDataModule, NYUv2DataModule)) and len(_unchecked(dm)) == len(files):
             detail += f"; {NO_CHECKSUM}"  # say up front that a copy will not be verified
         return DatasetStatus(name, "missing", str(folder), detail, source)
     if quick:
@@ -170,6 +175,8 @@ def check_dataset(name: str, cfg: DictConfig, quick: bool = False) -> DatasetSta
         detail = "dataset.verify_checksums=false: presence only"
     elif isinstance(dm, AVMNISTDataModule):
         detail = "MultiBench files (no manifest.json): shapes only"
+    elif isinstance(dm, NYUv2DataModule):
+        detail = "no SHA256SUMS (not written by prepare_data.py): presence of every listed frame only"
     elif len(unchecked) == len(files):
         detail = NO_CHECKSUM
     else:  # partly covered: say which files nothing vouches for
@@ -283,12 +290,28 @@ def sigterm_unwinds() -> Iterator[None]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "dataset", choices=("status", *MOGONET, "avmnist"), help="'status', or the dataset to prepare"
+        "dataset",
+        choices=("status", *MOGONET, "avmnist", "nyuv2"),
+        help="'status', or the dataset to prepare",
     )
     p.add_argument(
         "--quick", action="store_true", help="status: check presence only, no checksums (AV-MNIST is 1.1 GB)"
     )
-    p.add_argument("--from", dest="source", type=Path, help="local folder holding the original files")
+    p.add_argument(
+        "--from",
+        dest="source",
+        type=Path,
+        help="local folder holding the original files (nyuv2: the file nyu_depth_v2_labeled.mat)",
+    )
+    p.add_argument(
+        "--splits", type=Path, help="nyuv2: split .mat (trainNdxs, testNdxs); default: splits.mat in --meta"
+    )
+    p.add_argument(
+        "--meta",
+        type=Path,
+        default=META_DIR,
+        help="nyuv2: folder with classMapping40.mat and class13Mapping.mat (default: the shipped data/nyuv2)",
+    )
     p.add_argument("--mnist", type=Path, help="avmnist: folder with the four MNIST IDX files (.gz or raw)")
     p.add_argument("--fsdd", type=Path, help="avmnist: FSDD folder holding recordings/")
     p.add_argument("--seed", type=int, default=0, help="avmnist: clip shuffle and noise seed (default 0)")
@@ -326,6 +349,19 @@ def main() -> None:
                     log=lambda msg: print(f"avmnist: {msg}", flush=True),
                 )
                 print(f"avmnist: built into {target} in {time.perf_counter() - start:.0f} s")
+            elif args.dataset == "nyuv2" and args.source:
+                start = time.perf_counter()
+                target = prepare_nyuv2(
+                    args.source.expanduser(),
+                    root,
+                    splits=args.splits.expanduser() if args.splits else None,
+                    meta_dir=args.meta.expanduser(),
+                    log=lambda msg: print(f"nyuv2: {msg}", flush=True),
+                )
+                dm = datamodule("nyuv2", target)
+                dm.num_samples = {}  # a custom --splits has its own sizes
+                dm.prepare_data()  # the layout as the loader sees it, SHA256SUMS included
+                print(f"nyuv2: prepared into {target} in {time.perf_counter() - start:.0f} s")
             elif args.source:
                 target = import_mogonet(args.dataset, args.source.expanduser(), root)
                 print(f"{args.dataset}: imported and verified into {target}")

@@ -38,6 +38,10 @@ TOKEN_FUSIONS = {
 }
 
 
+# Segmentation models of RGB-D images: built and trained on dataset=rgbd_synthetic, not dataset=synthetic.
+RGBD_FUSIONS = ("esanet", "dynmm_esanet")
+
+
 def token_aware(fusions: list[str]) -> list:
     """``fusions`` with the token-level ones marked skipped on synthetic data (and where they are tested)."""
     return [

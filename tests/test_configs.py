@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import compose_cfg, token_aware
+from conftest import RGBD_FUSIONS, compose_cfg, token_aware
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -100,6 +100,14 @@ def test_every_fusion_builds_on_synthetic(fusion):
             "dataset.modalities=[audio,image]",
             "backbone=avmnist",
         ]
+    if fusion in RGBD_FUSIONS:  # per-pixel logits for RGB-D images
+        cfg = compose_cfg(
+            ["dataset=rgbd_synthetic", f"fusion={fusion}", "dataset.num_samples={train: 4, val: 2, test: 2}"]
+        )
+        dm, task = build(cfg)
+        out = task(next(iter(dm.train_dataloader()))["inputs"])
+        assert out.logits.shape == (4, 7, 96, 96)
+        return
     cfg = compose_cfg(["dataset=synthetic", f"fusion={fusion}", *extra])
     dm, task = build(cfg)
     batch = next(iter(dm.train_dataloader()))

@@ -70,13 +70,13 @@ def test_status_names_each_state_folder_and_source(data_root, monkeypatch, capsy
     assert rows["brca"].split()[1] == "missing" and str(data_root / "brca") in rows["brca"]
     assert "folder does not exist" in rows["brca"] and "prepare_data.py brca --from" in rows["brca"]
     assert rows["avmnist"].split()[1] == "missing" and "prepare_data.py avmnist" in rows["avmnist"]
-    for name in ("lattice", "generative", "synthetic"):
+    for name in ("lattice", "generative", "synthetic", "rgbd_synthetic"):
         assert rows[name].split()[1:4] == ["generated", "-", "no"] and "no files" in rows[name]
     # the loaders' own messages say what exactly is wrong
     assert "MCD.csv: sha256 is" in out and "not a readable HDF5 file" in out
     assert ".avmnist-k1lled00" in out  # the leftover staging folder is pointed out, not removed
     assert (data_root / ".avmnist-k1lled00").is_dir()
-    assert "2 corrupt" in out and "3 generated" in out
+    assert "2 corrupt" in out and "4 generated" in out
 
 
 def test_status_quick_checks_presence_only(data_root):

@@ -122,3 +122,34 @@ def test_test_dev_predictions_in_the_official_format(make_cfg, vqa_dir: Path) ->
     answers = set(objs["datamodule"].answers)
     assert all(isinstance(r["answer"], str) and r["answer"] in answers for r in rows)
     assert result["predictions"] == {"split": "test-dev", "file": "predictions_test-dev.json", "questions": 7}
+
+
+def test_ddp_sim_segmentation_pools_one_confusion_matrix(make_cfg) -> None:
+    """Fusion-level DynMM on RGB-D images under the two-process DDP simulation: the test mIoU comes from one
+    confusion matrix summed over the ranks (5 test images: no padding repeats one), equal to a single-process
+    evaluation of the same checkpoint."""
+    common = [
+        "dataset=rgbd_synthetic",
+        "fusion=dynmm_esanet",
+        "fusion.decoder_channels=[16,16,16]",
+        "fusion.decoder_blocks=[1,1,1]",
+        "fusion.cost=relative",
+        "dataset.num_samples={train: 8, val: 4, test: 5}",
+        "dataset.batch_size=2",
+        "trainer.enable_progress_bar=false",
+        "logger=none",
+        "callbacks.dynmm.timing.samples=0",
+    ]
+    cfg = make_cfg([*common, "trainer=ddp_sim", "trainer.max_epochs=1"], sub="ddp")
+    result, objs = train(cfg)
+    assert objs["trainer"].world_size == 2
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / result["test_checkpoint"]
+    single = make_cfg([*common, "trainer=cpu", "train=false", f"ckpt_path={ckpt}"], sub="single")
+    evaluation, _ = train(single)
+    # an untrained gate's logits nearly tie, and conv kernels round differently at other batch sizes, so an
+    # image may take another branch in the other run: the metrics agree closely, not bit for bit
+    for key in ("test/miou", "test/pixel_acc", "test/macc"):
+        assert result["metrics"][key] == pytest.approx(evaluation["metrics"][key], rel=0.03), key
+    # shares pooled over the 5 test images (multiples of 1/5), not the mean of the ranks' shares (3 and 2)
+    shares = [result["metrics"][f"test/dynmm/share_k{k}"] * 5 for k in range(5)]
+    assert sum(shares) == pytest.approx(5.0) and all(s == pytest.approx(round(s), abs=1e-5) for s in shares)

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FAST, compose_cfg, token_aware
+from conftest import FAST, RGBD_FUSIONS, compose_cfg, token_aware
+from nyuv2_fixture import nyuv2_fixture_dir
 from omegaconf import OmegaConf
 
 from fusionbench import ROOT
@@ -36,11 +37,17 @@ def test_fast_dev_run_every_fusion(fusion, make_cfg):
             "dataset.modalities=[audio,image]",
             "backbone=avmnist",
         ]
+    dataset = "synthetic"
+    if fusion in RGBD_FUSIONS:  # dense prediction on RGB-D images
+        dataset, extra = "rgbd_synthetic", ["dataset.num_samples={train: 4, val: 2, test: 2}"]
     cfg = make_cfg(
-        ["dataset=synthetic", f"fusion={fusion}", "debug=fdr", "trainer.enable_progress_bar=false", *extra]
+        [f"dataset={dataset}", f"fusion={fusion}", "debug=fdr", "trainer.enable_progress_bar=false", *extra]
     )
     result, objs = train(cfg)
     assert objs["trainer"].global_step == 1
+    if dataset == "rgbd_synthetic":
+        assert {"test/miou", "test/pixel_acc", "test/macc", "test/cost/gmacs"} <= set(result["metrics"])
+        return
     assert set(result["metrics"]) >= {
         "test/acc",
         "test/f1_macro",
@@ -66,6 +73,18 @@ def test_training_learns_and_writes_a_complete_record(make_cfg):
     assert record["data"]["sizes"] == {"train": 256, "val": 64, "test": 64}
     assert record["git"]["sha"] is None or len(record["git"]["sha"]) == 40
     assert record["test_checkpoint"].startswith("epoch")  # the best checkpoint, not the last weights
+
+
+def test_wall_time_counts_training_once(make_cfg):
+    """Testing the selected checkpoint restores it; its saved clock must not be added to the time again."""
+    import time
+
+    cfg = make_cfg(["dataset=synthetic", *FAST, "trainer.max_epochs=4"])
+    start = time.time()
+    result, _ = train(cfg)
+    elapsed = time.time() - start
+    assert result["test_checkpoint"].startswith("epoch")  # a checkpoint was restored for testing
+    assert 0 < result["wall_time_s"] <= elapsed + 0.5
 
 
 def interrupt_after(monkeypatch, epoch: int, signal_name: str = "INT") -> None:
@@ -345,6 +364,7 @@ def test_every_experiment_smoke_runs(
     mmimdb_fixture_dir,
     sentiment_fixture_dir,
     media_fixture_dir,
+    tmp_path_factory,
 ):
     """One batch of train/val/test of each experiment of `smoke_experiments` (BRCA, AV-MNIST, MM-IMDB and the
     sentiment ones on fixtures in the real formats and shapes, with tiny saved BERT / XLNet models; DynMM rows
@@ -407,6 +427,19 @@ def test_every_experiment_smoke_runs(
             "dataset.num_workers=0",
             *[f"fusion.{kv}" for kv in sizes],
         ]
+    if dataset == "rgbd_synthetic":
+        extra = [FIXTURE_SIZES]
+    if dataset == "nyuv2":  # the prepared layout from a tiny official .mat; ResNet-50 trunks at random
+        extra = [
+            f"dataset.data_dir={nyuv2_fixture_dir(tmp_path_factory.mktemp('nyu'), height=96, width=96)}",
+            "dataset.height=96",
+            "dataset.width=96",
+            "dataset.num_samples=null",
+            "dataset.num_workers=0",
+            "dataset.batch_size=2",
+            "backbone.rgb.weights=null",
+            "backbone.depth.weights=null",
+        ]
     if dataset in SENTIMENT:
         extra = [
             f"paths.data_dir={sentiment_fixture_dir}",
@@ -435,7 +468,9 @@ def test_every_experiment_smoke_runs(
     if cfg.get("robustness"):
         curve = result["robustness"]["curves"]["all"]["metrics"]
         assert len(curve["mse"]) == len(cfg.robustness.levels) and all(math.isfinite(v) for v in curve["mse"])
-    if objs["datamodule"].task_type == "regression":
+    if objs["datamodule"].task_type == "segmentation":
+        assert 0.0 <= result["metrics"]["test/miou"] <= 1.0 and result["metrics"]["test/cost/gmacs"] > 0
+    elif objs["datamodule"].task_type == "regression":
         assert math.isfinite(result["metrics"]["test/mse"])
     elif objs["datamodule"].task_type == "vqa":
         assert 0.0 <= result["metrics"]["test/vqa_acc"] <= 1.0

@@ -10,6 +10,8 @@ from fusionbench.data.mmimdb_raw import MMIMDBRawDataModule
 from fusionbench.data.mogonet import MogonetDataModule
 from fusionbench.data.mosei import MOSEIDataModule
 from fusionbench.data.mosi_cmbert import CMBERTMOSIDataModule
+from fusionbench.data.nyuv2 import NYUv2DataModule
+from fusionbench.data.rgbd_synthetic import RGBDSyntheticDataModule
 from fusionbench.data.stocks import StocksDataModule
 from fusionbench.data.synthetic import SyntheticDataModule
 from fusionbench.data.vqa import VQADataModule
@@ -25,6 +27,8 @@ __all__ = [
     "MMIMDBRawDataModule",
     "MOSEIDataModule",
     "MogonetDataModule",
+    "NYUv2DataModule",
+    "RGBDSyntheticDataModule",
     "StocksDataModule",
     "SyntheticDataModule",
     "TensorDictDataset",

@@ -544,13 +544,19 @@ def build_avmnist(
         files["PROVENANCE.md"] = {"sha256": sha256_file(staging / "PROVENANCE.md")}
         # written last: its presence marks a complete build
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        previous = Path(tmp) / "previous"
-        if target.exists():  # park the old build in the temp folder, which is deleted on exit
-            target.rename(previous)
-        try:
-            staging.rename(target)
-        except OSError:
-            if previous.exists():
-                previous.rename(target)
-            raise
+        swap_into_place(staging, target, Path(tmp))
     return target
+
+
+def swap_into_place(staging: Path, target: Path, tmp: Path) -> None:
+    """Move a complete ``staging`` folder to ``target``; an existing ``target`` is parked in ``tmp`` (a
+    temporary folder deleted on exit) and put back if the move fails, so ``target`` is never half-written."""
+    previous = tmp / "previous"
+    if target.exists():
+        target.rename(previous)
+    try:
+        staging.rename(target)
+    except OSError:
+        if previous.exists():
+            previous.rename(target)
+        raise

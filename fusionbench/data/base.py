@@ -20,7 +20,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from fusionbench.errors import DatasetError
 
-TASK_TYPES = ("multiclass", "multilabel", "regression")  # the synthetic data's; VQA adds "vqa" (soft scores)
+# the synthetic data's; VQA adds "vqa" (soft scores), the RGB-D datasets "segmentation" (per-pixel classes,
+# void -1)
+TASK_TYPES = ("multiclass", "multilabel", "regression")
 
 
 class TensorDictDataset(Dataset):
@@ -149,10 +151,10 @@ class UnpaddedDistributedSampler(DistributedSampler):
 class FusionDataModule(pl.LightningDataModule):
     """Base for every dataset.
 
-    Subclasses set, by the end of `setup()`: ``task_type`` (one of `TASK_TYPES`), ``num_outputs``,
-    ``modalities`` (sorted), ``input_dims`` (features per modality, flattened) and the datasets
-    ``train_set``, ``val_set``, ``test_set``. They implement `required_files()` for the guard and
-    `_load()` for the data.
+    Subclasses set, by the end of `setup()`: ``task_type`` (one of `TASK_TYPES`, ``vqa`` or
+    ``segmentation``), ``num_outputs``, ``modalities`` (sorted), ``input_dims`` (features per modality,
+    flattened) and the datasets ``train_set``, ``val_set``, ``test_set``. They implement `required_files()`
+    for the guard and `_load()` for the data.
 
     Args:
         name: dataset name used in messages and run records.

@@ -9,6 +9,7 @@ from fusionbench.encoders.lenet import LeNetEncoder
 from fusionbench.encoders.mlp import MLPEncoder
 from fusionbench.encoders.patch import PatchEncoder
 from fusionbench.encoders.pretrained import PretrainedTextEncoder
+from fusionbench.encoders.resnet import ResNetTrunk
 from fusionbench.encoders.sequence import GRUEncoder, LSTMEncoder, TransformerSeqEncoder
 from fusionbench.encoders.tokens import TokenEncoder
 
@@ -23,6 +24,7 @@ __all__ = [
     "PatchEncoder",
     "PretrainedImageEncoder",
     "PretrainedTextEncoder",
+    "ResNetTrunk",
     "SequenceIdentityEncoder",
     "TokenEncoder",
     "TokenIdentityEncoder",

@@ -9,9 +9,10 @@ from fusionbench.fusion.cmbert_deq import CMBERTDEQFusion
 from fusionbench.fusion.concat import ConcatFusion
 from fusionbench.fusion.constant import ConstantFusion
 from fusionbench.fusion.deq import DEQFusion
-from fusionbench.fusion.dynmm import DynMMFusion
+from fusionbench.fusion.dynmm import DynMMFusion, FusionLevelDynMM
 from fusionbench.fusion.early import EarlyFusion
 from fusionbench.fusion.early_sequence import EarlySequenceFusion
+from fusionbench.fusion.esanet import ESANetFusion
 from fusionbench.fusion.gradient_blend import GradientBlendFusion
 from fusionbench.fusion.lowrank import LowRankTensorFusion
 from fusionbench.fusion.mag import MAGFusion
@@ -40,7 +41,9 @@ __all__ = [
     "DynMMFusion",
     "EarlyFusion",
     "EarlySequenceFusion",
+    "ESANetFusion",
     "EncoderFusion",
+    "FusionLevelDynMM",
     "FusionOutput",
     "FusionStep",
     "GradientBlendFusion",

@@ -5,6 +5,7 @@
 | multiclass | accuracy ``acc``, weighted F1 ``f1_weighted``, macro F1 ``f1_macro``, macro AUROC ``auroc`` |
 | multilabel | micro F1 (``f1_micro``), macro F1 (``f1_macro``) at threshold 0.5 on sigmoid outputs |
 | regression | ``mse``, ``mae``, Pearson r (``pearson``) |
+| segmentation | ``miou``, pixel accuracy ``pixel_acc``, mean class accuracy ``macc`` (`.segmentation`) |
 
 Datasets may add extras (their ``extra_metrics``): the sentiment variants of
 `fusionbench.metrics.sentiment` (``acc2_non0``, ``acc2_has0``, ``acc2_all_gt0``, their weighted F1s,
@@ -60,6 +61,12 @@ def _base_metrics(task_type: str, num_outputs: int) -> MetricCollection:
         from fusionbench.metrics.vqa import make_vqa_metrics
 
         return make_vqa_metrics()
+    if (
+        task_type == "segmentation"
+    ):  # one shared (C, C) confusion matrix (fusionbench/metrics/segmentation.py)
+        from fusionbench.metrics.segmentation import make_segmentation_metrics
+
+        return make_segmentation_metrics(num_outputs)
     if task_type == "regression":
         return MetricCollection(
             {
@@ -81,6 +88,10 @@ def prepare_for_metrics(
         return logits.sigmoid(), target.long()
     if task_type == "vqa":  # soft answer scores: accuracy reads target[argmax(logits)]
         return logits, target.float()
+    if task_type == "segmentation":  # (B, C, h, w) logits -> class indices at the label size (B, H, W)
+        from fusionbench.metrics.segmentation import logits_to_labels
+
+        return logits_to_labels(logits, target.shape[-2:]), target.long()
     if logits.shape[-1] == 1:
         return logits.squeeze(-1), target.reshape(-1).float()
     return logits, target.float()

@@ -1,5 +1,9 @@
 """Collect run records (``metrics.json``) from run folders into a pandas frame.
 
+A run folder's ``robustness.json`` (curves of the tested checkpoint measured after training,
+``scripts/eval_robustness.py``) supplies the record's curves when training measured none
+(`attach_robustness`).
+
 Only finished runs count: a folder without a record, with a record whose status is not
 ``complete``, or from a fast dev run is skipped. One row per (experiment, seed): if two folders
 hold the same pair, the one whose path sorts last wins and a warning names both.
@@ -18,6 +22,8 @@ import pandas as pd
 from fusionbench.records import RECORD_NAME
 
 log = logging.getLogger(__name__)
+
+ROBUSTNESS_NAME = "robustness.json"  # scripts/eval_robustness.py
 
 
 def flatten(record: dict[str, Any]) -> dict[str, Any]:
@@ -63,6 +69,29 @@ def deq_test_converged(record: dict[str, Any]) -> float | None:
     return None if residual is None else float(residual <= 0.1)
 
 
+def attach_robustness(record: dict[str, Any], folder: Path) -> None:
+    """Robustness curves measured after training (``scripts/eval_robustness.py`` writes ``robustness.json``
+    into the run folder) supply a record's curves when training measured none, provided they were measured
+    on the checkpoint the run tested."""
+    path = folder / ROBUSTNESS_NAME
+    if record.get("robustness") or not path.is_file():
+        return
+    try:
+        measured = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        log.warning("Skipping unreadable robustness file %s: %s", path, e)
+        return
+    if measured.get("checkpoint") == record.get("test_checkpoint") and measured.get("robustness"):
+        record["robustness"] = measured["robustness"]
+    else:
+        log.warning(
+            "%s is for checkpoint %s, the run tested %s; not used.",
+            path,
+            measured.get("checkpoint"),
+            record.get("test_checkpoint"),
+        )
+
+
 def collect_runs(roots: Iterable[str | Path]) -> pd.DataFrame:
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     for root in roots:
@@ -77,6 +106,7 @@ def collect_runs(roots: Iterable[str | Path]) -> pd.DataFrame:
                 continue
             if record.get("status") != "complete" or record.get("fast_dev_run"):
                 continue
+            attach_robustness(record, path.parent)
             row = flatten(record)
             row["path"] = str(path.parent)
             key = (row["experiment_name"], row["seed"])

@@ -35,7 +35,8 @@ def baseline_of(spec, group: str) -> str:
 
 
 def _grid_key(rob: dict[str, Any]) -> tuple:
-    return tuple(rob["levels"]), tuple(rob["noise"]), int(rob.get("seed", 0))
+    seeds = tuple(rob.get("seeds") or [int(rob.get("seed", 0))])
+    return tuple(rob["levels"]), tuple(rob["noise"]), seeds, float(rob.get("probability", 1.0))
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -48,7 +49,7 @@ def robustness_rows(
     spec, runs: pd.DataFrame
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None, list[str]]:
     """(rows, the grid, notes about skipped records)."""
-    metric, scope = spec.robust_metric, spec.curve
+    metric = spec.robust_metric
     grid: dict[str, Any] | None = None
     skipped: list[str] = []
     rows = []
@@ -61,7 +62,9 @@ def robustness_rows(
             "n": len(sel),
             "reported": row.get("reported") or {},
             "curves": [],
+            "curve": row.get("curve", spec.curve),  # a row may read another scope (RGB-D: rgb, depth, either)
         }
+        scope = entry["curve"]
         for m in spec.metrics:
             vals = pd.to_numeric(sel[m.key], errors="coerce").dropna().tolist() if m.key in sel else []
             entry[m.key] = _mean_std(vals)
@@ -81,6 +84,8 @@ def robustness_rows(
                     "levels": list(rob["levels"]),
                     "noise": list(rob["noise"]),
                     "seed": int(rob.get("seed", 0)),
+                    "seeds": list(rob.get("seeds") or []),
+                    "probability": rob.get("probability"),
                     "key": _grid_key(rob),
                 }
             if _grid_key(rob) != grid["key"]:
@@ -97,8 +102,13 @@ def robustness_rows(
         r["mean_curve"] = np.mean(r["curves"], axis=0).tolist() if r["curves"] else None
         r["auc"] = _mean_std([auc(levels, c) for c in r["curves"]])
     for r in rows:
-        base = next(
-            (b for b in rows if b["experiment"] == baseline_of(spec, r["group"]) and b["curves"]), None
+        base = next(  # the baseline's row in this group (an experiment may appear in several groups)
+            (
+                b
+                for b in sorted(rows, key=lambda b: b["group"] != r["group"])
+                if b["experiment"] == baseline_of(spec, r["group"]) and b["curves"]
+            ),
+            None,
         )
         taus = [relative_auc(levels, c, base["mean_curve"], metric) for c in r["curves"]] if base else []
         r["tau"] = _mean_std(taus)
@@ -170,9 +180,21 @@ def robustness_markdown(
     else:
         base_label = names.get(spec.baseline, spec.baseline)
     if grid:
+        scopes = list(dict.fromkeys(r["curve"] for r in rows))
+        where = f"the '{scopes[0]}' curve" if len(scopes) == 1 else f"the curves {scopes} (column group)"
+        seeds = (
+            f"noise seeds {grid['seeds']} (curves averaged)"
+            if grid.get("seeds")
+            else f"noise seed {grid['seed']}"
+        )
+        chance = (
+            f", each test sample corrupted with probability {grid['probability']}"
+            if grid.get("probability")
+            else ""
+        )
         lines.append(
             f"Grid (from the run records): noise {' + '.join(grid['noise'])} at levels {grid['levels']} on "
-            f"the '{spec.curve}' curve, noise seed {grid['seed']}. AUC = trapezoid area of test "
+            f"{where}, {seeds}{chance}. AUC = trapezoid area of test "
             f"{spec.robust_metric} over the levels; τ = "
             f"{'−' if lower_is_better(spec.robust_metric) else ''}∫(model − baseline) with baseline "
             f"**{base_label}** (mean curve over its seeds); robustness [0,1] = τ min-max scaled across the "

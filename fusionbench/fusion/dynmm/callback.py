@@ -36,6 +36,7 @@ import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
 from fusionbench.errors import ConfigError
+from fusionbench.fusion.dynmm.fusion_level import FusionLevelDynMM
 from fusionbench.fusion.dynmm.model import DynMMFusion
 
 log = logging.getLogger("fusionbench")
@@ -72,8 +73,8 @@ class DynMMCallback(pl.Callback):
         self._stage: int | None = None
 
     @staticmethod
-    def dynmm_model(pl_module: pl.LightningModule) -> DynMMFusion | None:
-        found = [m for m in pl_module.modules() if isinstance(m, DynMMFusion)]
+    def dynmm_model(pl_module: pl.LightningModule) -> DynMMFusion | FusionLevelDynMM | None:
+        found = [m for m in pl_module.modules() if isinstance(m, (DynMMFusion, FusionLevelDynMM))]
         if len(found) > 1:
             raise ConfigError(f"The DynMM callback drives one DynMM model; this module holds {len(found)}.")
         return found[0] if found else None
@@ -191,9 +192,13 @@ class DynMMCallback(pl.Callback):
         try:
             device = next(task.parameters()).device
             inputs = first_test_inputs(datamodule, samples, device)
-            timing = time_routing(
-                model, inputs, list(self.timing.get("batch_sizes", [1])), int(self.timing.get("repeats", 3))
+            batch_sizes, repeats = (
+                list(self.timing.get("batch_sizes", [1])),
+                int(self.timing.get("repeats", 3)),
             )
+            if isinstance(model, FusionLevelDynMM):  # routed vs static ESANet, ms per image
+                return {"dynmm_timing": model.time_routing(inputs, batch_sizes, repeats)}
+            timing = time_routing(model, inputs, batch_sizes, repeats)
         except Exception as exc:  # noqa: BLE001
             log.warning(
                 "Could not time DynMM's routing (%s: %s); the record stores the error.",
