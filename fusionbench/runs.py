@@ -87,6 +87,8 @@ def load_run(
     from fusionbench.train import build  # train imports the whole stack; keep this module light
 
     cfg = run_config(run)
+    if cfg.get("fusion") is not None and cfg.fusion.get("stage1_ckpt") is not None:
+        cfg.fusion.stage1_ckpt = None  # DynMM's stage I: the tested checkpoint below holds every weight
     for key, value in (overrides or {}).items():
         OmegaConf.update(cfg, key, value, force_add=True)
     torch.manual_seed(int(cfg.seed))

@@ -26,8 +26,10 @@ from pathlib import Path
 
 import torch
 
+from fusionbench.compute import count_madds
 from fusionbench.encoders import ResNetTrunk
 from fusionbench.fusion import FusionLevelDynMM
+from fusionbench.fusion.dynmm.timing import _sync
 
 # branch shares whose expected depth cost matches the paper's Table 3 rows (11.1 and 19.5 depth GMACs of the
 # public branch costs [0.25, 4.39, 10.72, 19.72, 24.68]); the paper does not publish its shares
@@ -38,28 +40,31 @@ MIXES = {
 }
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def ms_per_image(fn, x: dict, repeats: int, device: torch.device) -> float:
+def interleaved_ms(
+    model: FusionLevelDynMM, x: dict, variants: list[tuple[int, bool]], repeats: int, device: torch.device
+) -> list[float]:
+    """Median ms per image of each (forced branch, route) variant. The variants take turns within every
+    repeat, so a slow stretch of the machine (other load, clock changes) hits all of them alike instead of
+    whichever ran in it."""
+    samples: list[list[float]] = [[] for _ in variants]
     with torch.no_grad():
-        fn(x)
-        times = []
-        for _ in range(repeats):
-            sync(device)
-            t0 = time.perf_counter()
-            fn(x)
-            sync(device)
-            times.append(time.perf_counter() - t0)
-    return 1000.0 * statistics.median(times) / x["rgb"].shape[0]
+        for r in range(repeats + 1):  # round 0 warms up
+            for i, (branch, route) in enumerate(variants):
+                model.forced_branch, model.route = branch, route
+                _sync(device)
+                t0 = time.perf_counter()
+                model(x)
+                _sync(device)
+                if r:
+                    samples[i].append(time.perf_counter() - t0)
+    model.forced_branch, model.route = None, True
+    return [1000.0 * statistics.median(t) / x["rgb"].shape[0] for t in samples]
 
 
 def bench_runs(args: argparse.Namespace) -> str:
+    from fusionbench.errors import FusionbenchError
     from fusionbench.fusion.dynmm.timing import first_test_inputs
-    from fusionbench.runs import checkpoint_state, run_config, selected_checkpoint
-    from fusionbench.train import build
+    from fusionbench.runs import load_run
 
     lines = [
         "### Fusion-level DynMM, trained runs: measured ms per image, routed against each branch",
@@ -75,11 +80,15 @@ def bench_runs(args: argparse.Namespace) -> str:
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for run in args.runs:
-        cfg = run_config(run)
-        if cfg.fusion.get("stage1_ckpt") is not None:
-            cfg.fusion.stage1_ckpt = None  # the tested checkpoint holds every weight
-        dm, task = build(cfg)
-        task.load_state_dict(checkpoint_state(selected_checkpoint(run)))
+        try:
+            _, dm, task = load_run(run)
+        except FusionbenchError as e:
+            raise SystemExit(f"bench_esanet: {e}") from None
+        if not isinstance(task.model, FusionLevelDynMM):
+            raise SystemExit(
+                f"bench_esanet: {run} is not a fusion=dynmm_esanet run (its model is "
+                f"{type(task.model).__name__})."
+            )
         dm.setup("test")
         model = task.model
         out = model.time_routing(first_test_inputs(dm, args.samples), [args.batch], args.repeats)
@@ -125,21 +134,12 @@ def main() -> None:
     with torch.no_grad():
         model({m: v[:1] for m, v in x.items()})  # measures the branch MAdds
     gmacs = [v / 1e9 for v in model.branch_madds.tolist()]
-    rows = []
-    for k in range(5):
-        model.forced_branch = k
-        rows.append(
-            (
-                f"k={k}" + (" (static ESANet)" if k == 4 else ""),
-                gmacs[k],
-                ms_per_image(model, x, args.repeats, device),
-            )
-        )
-    model.forced_branch, model.route = 4, False
-    rows.append(
-        ("public form (full depth encoder, mixed)", gmacs[4], ms_per_image(model, x, args.repeats, device))
-    )
-    model.forced_branch, model.route = None, True
+    # (branch, route) per forward; k = 4 with route=False is the public form
+    variants = [(k, True) for k in range(5)] + [(4, False)]
+    times = interleaved_ms(model, x, variants, args.repeats, device)
+    names = [f"k={k}" + (" (static ESANet)" if k == 4 else "") for k in range(5)]
+    names.append("public form (full depth encoder, mixed)")
+    rows = [(name, gmacs[k], ms) for name, (k, _), ms in zip(names, variants, times, strict=True)]
     static = rows[4][2]
     lines = [
         f"### Fusion-level DynMM inference time, ESANet-{args.arch[6:]} at {h} x {w}, batch {args.batch}",
@@ -148,7 +148,8 @@ def main() -> None:
         f"--repeats {args.repeats}{f' --threads {args.threads}' if args.threads else ''} "
         f"--device {args.device}`; {device.type}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}, random weights, 40 classes; "
-        "median ms per image over the repeats after a warm-up. GMACs at batch 1 include the gate.",
+        "median ms per image over the repeats after a warm-up round, the forwards taking turns within each "
+        "repeat. GMACs at batch 1 include the gate.",
         "",
         "| forward | GMACs | ms / image | vs static |",
         "| --- | ---: | ---: | ---: |",
@@ -158,6 +159,18 @@ def main() -> None:
         ms = sum(s * rows[k][2] for k, s in enumerate(share))
         g = sum(s * gmacs[k] for k, s in enumerate(share))
         lines.append(f"| routed, {name} {share} (expected) | {g:.2f} | {ms:.1f} | {static / ms:.2f}x |")
+    model.forced_branch = 4  # where static ESANet's multiply-adds go (top-level modules of the network)
+    by_module = count_madds(model, {m: v[:1] for m, v in x.items()}).by_module
+    model.forced_branch = None
+    decoder = sum(
+        v for k, v in by_module.items() if k.split(".")[0] in ("context", "skips", "decoder", "head")
+    )
+    lines += [
+        "",
+        f"Of static ESANet's {gmacs[4]:.2f} GMACs, {decoder / 1e9:.2f} are the decoder side (context module, "
+        f"skips, decoder, head) and {(gmacs[4] * 1e9 - decoder) / 1e9:.2f} the two encoders with their SE "
+        "fusions (`fusionbench.compute.count_madds`, batch 1).",
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -1,12 +1,12 @@
 """Robustness curves for finished runs: evaluates each run's tested checkpoint on its test split under a noise
 grid of configs/robustness/ and writes ``robustness.json`` into the run folder, which `make tables` reads as
 the run's curves when training did not measure them (`fusionbench.tables.collect.attach_robustness`).
+A folder that is not a finished run, or a grid that does not fit its data, is reported and skipped.
 
     python scripts/eval_robustness.py --grid rgbd results/runs/dynmm_rgbd_synthetic_esanet/seed=*
     python scripts/eval_robustness.py --grid rgbd --set seeds=[0,1,2] RUN     # a smaller grid
 
-The same as training with ``robustness=<grid>``, without retraining (a DynMM run's ``stage1_ckpt`` is not
-reloaded: the checkpoint holds every weight).
+The same as training with ``robustness=<grid>``, without retraining (`fusionbench.runs.load_run`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 import yaml
 from omegaconf import OmegaConf
 
@@ -25,9 +24,8 @@ from fusionbench import ROOT
 from fusionbench.errors import ConfigError, FusionbenchError
 from fusionbench.records import write_json
 from fusionbench.robustness import run_grid
-from fusionbench.runs import checkpoint_state, run_config, selected_checkpoint
+from fusionbench.runs import load_run, selected_checkpoint
 from fusionbench.tables.collect import ROBUSTNESS_NAME
-from fusionbench.train import build
 
 
 def grid_config(name: str, sets: list[str]) -> dict:
@@ -43,13 +41,8 @@ def grid_config(name: str, sets: list[str]) -> dict:
 
 
 def evaluate_run(folder: Path, grid: dict) -> str:
-    cfg = run_config(folder)
-    if cfg.fusion.get("stage1_ckpt") is not None:
-        cfg.fusion.stage1_ckpt = None  # the tested checkpoint holds every weight
-    torch.manual_seed(int(cfg.seed))
-    dm, task = build(cfg)
+    _, dm, task = load_run(folder)
     checkpoint = selected_checkpoint(folder)
-    task.load_state_dict(checkpoint_state(checkpoint))
     dm.setup("test")
     start = time.time()
     robustness = run_grid(task, dm, grid)
@@ -71,7 +64,10 @@ def main() -> None:
     p.add_argument("--grid", required=True, help="a grid of configs/robustness/ (e.g. rgbd, gaussian)")
     p.add_argument("--set", dest="sets", action="append", default=[], help="override a grid key: key=value")
     args = p.parse_args()
-    grid = grid_config(args.grid, args.sets)
+    try:
+        grid = grid_config(args.grid, args.sets)
+    except FusionbenchError as e:
+        sys.exit(f"eval_robustness: {e}")
     failed = 0
     for folder in args.runs:
         try:

@@ -12,6 +12,7 @@ retrained. Rows: one per experiment, mean over its seeds (n = seeds found).
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -19,21 +20,21 @@ import numpy as np
 import torch
 
 import fusionbench.train  # noqa: F401  (registers the config resolvers)
+from fusionbench.errors import ConfigError, FusionbenchError
 from fusionbench.fusion import FusionLevelDynMM
 from fusionbench.metrics.segmentation import confusion_matrix, logits_to_labels, miou
-from fusionbench.runs import checkpoint_state, run_config, selected_checkpoint
-from fusionbench.train import build
+from fusionbench.runs import load_run, run_config
 
 KINDS = ("lit", "dark")
 
 
 @torch.no_grad()
 def analyse(folder: Path) -> tuple[str, dict[str, float]]:
-    cfg = run_config(folder)
-    if cfg.fusion.get("stage1_ckpt") is not None:
-        cfg.fusion.stage1_ckpt = None  # the tested checkpoint holds every weight
-    dm, task = build(cfg)
-    task.load_state_dict(checkpoint_state(selected_checkpoint(folder)))
+    if run_config(folder).dataset.get("_target_", "").rsplit(".", 1)[-1] != "RGBDSyntheticDataModule":
+        raise ConfigError(
+            f"{folder} is not a dataset=rgbd_synthetic run; only those have lit and dark scenes."
+        )
+    cfg, dm, task = load_run(folder)
     model = task.model.eval()
     dm.setup("test")
     c = dm.num_outputs
@@ -65,7 +66,10 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
     per: dict[str, list[dict[str, float]]] = defaultdict(list)
     for folder in args.runs:
-        name, values = analyse(folder)
+        try:
+            name, values = analyse(folder)
+        except FusionbenchError as e:
+            sys.exit(f"rgbd_routing: {e}")
         per[name].append(values)
         print(folder, values, flush=True)
     head = ["experiment", "n", "mIoU lit", "mIoU dark"]

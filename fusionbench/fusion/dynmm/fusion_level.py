@@ -44,8 +44,6 @@ branch 0's: depth beyond the stem), ``dynmm/resource`` (the unweighted
 from __future__ import annotations
 
 import logging
-import statistics
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -284,38 +282,26 @@ class FusionLevelDynMM(ESANetFusion):
         return FusionOutput(out.logits, aux, info, out.extras)
 
     # -- measured inference time (the run record's ``dynmm_timing``) --------------------------------------
-    @torch.no_grad()
     def time_routing(
         self, inputs: Mapping[str, torch.Tensor], batch_sizes: Sequence[int] = (1,), repeats: int = 3
     ) -> dict[str, Any]:
         """Milliseconds per image of routed inference against every image forced to each branch (branch 4 =
-        static ESANet, the depth encoder in full) and the public form (the mixture, full depth encoder)."""
+        static ESANet, the depth encoder in full) and the public form (the mixture, full depth encoder); the
+        timer of `fusionbench.fusion.dynmm.timing`."""
+        from fusionbench.fusion.dynmm.timing import _pass_ms  # timing imports the modality-level model
+
         was_training, route = self.training, self.route
         self.eval()
         device = inputs["rgb"].device
         n = inputs["rgb"].shape[0]
 
-        def run(x: Mapping[str, torch.Tensor]) -> None:
-            self(x)
-
         def ms(chunks: list, setup: dict) -> float:
             self.forced_branch, self.route = setup.get("branch"), setup.get("route", True)
-            times = []
-            run(chunks[0])
-            for _ in range(repeats):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
-                for x in chunks:
-                    run(x)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times.append(time.perf_counter() - t0)
-            return 1000.0 * statistics.median(times) / n
+            return _pass_ms(self, chunks, n, repeats, device)
 
         try:
-            rgb, depth = self.stems(inputs)
-            branch = self.decisions(rgb, depth).argmax(-1)
+            with torch.no_grad():
+                branch = self.decisions(*self.stems(inputs)).argmax(-1)
             out: dict[str, Any] = {
                 "samples": n,
                 "device": str(device),
