@@ -1,6 +1,9 @@
 """Time of one training step and one inference batch of every Pro-Fusion Table 4 model, built from
 its experiment config on the real stock snapshot (batch 16, 500 returns per stock), and the estimated
-time of a run (steps per epoch x epochs; validation, test and the noise grid not included).
+time of a run (steps per epoch x epochs; validation, test and the noise grid not included). Models with
+per-stock Transformers (LF-Transformer) are timed twice on the same weights, one encoder after another and
+stacked into one batched computation (fusionbench/encoders/stacked.py, the default), interleaved: off, on,
+off, on ... so that a change in the machine's load hits both alike.
 
     python scripts/bench_stocks.py                  # F&B, every model, base and Pro-Fusion
     python scripts/bench_stocks.py --variants base  # base models only (Pro-Fusion R = 2 about doubles the
@@ -15,11 +18,13 @@ without gradients; medians over ``--steps`` after ``--warmup`` on real training 
 from __future__ import annotations
 
 import argparse
+import statistics
 from pathlib import Path
 
 import torch
 from bench_profusion import timed  # scripts/ is on sys.path when run as `python scripts/bench_stocks.py`
 
+from fusionbench.encoders import TransformerSeqEncoder
 from fusionbench.task import task_loss
 from fusionbench.train import build
 
@@ -38,7 +43,11 @@ def compose(experiment: str):
         )
 
 
-def bench(experiment: str, args) -> dict:
+def stackable(model: torch.nn.Module) -> list[TransformerSeqEncoder]:
+    return [m for m in model.modules() if isinstance(m, TransformerSeqEncoder)]
+
+
+def bench(experiment: str, args) -> list[dict]:
     cfg = compose(experiment)
     dm, task = build(cfg)
     device = torch.device(args.device)
@@ -63,17 +72,34 @@ def bench(experiment: str, args) -> dict:
         with torch.no_grad():
             model(x)
 
-    train_s = timed(train_step, device, args.warmup, args.steps) / 1000  # timed() gives milliseconds
-    infer_s = timed(infer, device, args.warmup, args.steps) / 1000
+    encoders = stackable(model)
+    modes = ["off", "on"] if len(encoders) > 1 and args.stack == "both" else [args.stack]
+    if len(encoders) <= 1:
+        modes = ["-"]
+    times: dict[str, dict[str, list[float]]] = {m: {"train": [], "infer": []} for m in modes}
+    for _ in range(args.repeats):
+        for mode in modes:
+            for e in encoders:
+                e.stack = mode != "off"
+            # timed() gives milliseconds
+            times[mode]["train"].append(timed(train_step, device, args.warmup, args.steps) / 1000)
+            times[mode]["infer"].append(timed(infer, device, args.warmup, args.steps) / 1000)
     steps = len(dm.train_dataloader()) * int(cfg.trainer.max_epochs)
-    return {
-        "experiment": experiment,
-        "train_s": train_s,
-        "infer_s": infer_s,
-        "epochs": int(cfg.trainer.max_epochs),
-        "est_min": train_s * steps / 60,
-        "params": sum(p.numel() for p in model.parameters()),
-    }
+    rows = []
+    for mode in modes:
+        train_s, infer_s = statistics.median(times[mode]["train"]), statistics.median(times[mode]["infer"])
+        rows.append(
+            {
+                "experiment": experiment,
+                "stacked": mode,
+                "train_s": train_s,
+                "infer_s": infer_s,
+                "epochs": int(cfg.trainer.max_epochs),
+                "est_min": train_s * steps / 60,
+                "params": sum(p.numel() for p in model.parameters()),
+            }
+        )
+    return rows
 
 
 def main() -> None:
@@ -84,29 +110,32 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--stack", default="both", choices=["both", "on", "off"], help="per-stock Transformers")
+    p.add_argument("--repeats", type=int, default=1, help="interleaved rounds (medians over them)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     rows = []
     for m in args.models:
         for v in args.variants:
-            rows.append(bench(f"pro_t4_{args.sector}_{m}_{v}", args))
-            print(
-                rows[-1], flush=True
-            )  # a long sweep keeps what it measured if a later model runs out of memory
+            rows += bench(f"pro_t4_{args.sector}_{m}_{v}", args)
+            # a long sweep keeps what it measured if a later model runs out of memory
+            print(rows[-2:] if rows[-1]["stacked"] == "on" else rows[-1], flush=True)
     threads = torch.get_num_threads() if args.device == "cpu" else "-"
     lines = [
         (
             f"Table 4 models on {args.sector} ({args.device}, {threads} thread(s), batch 16, 500 steps; "
             f"`python scripts/bench_stocks.py --sector {args.sector} --models {' '.join(args.models)} "
-            f"--variants {' '.join(args.variants)} --steps {args.steps} --warmup {args.warmup}`)"
+            f"--variants {' '.join(args.variants)} --steps {args.steps} --warmup {args.warmup} "
+            f"--stack {args.stack} --repeats {args.repeats}`)"
         ),
         "",
-        "| experiment | params | train step (s) | inference batch (s) | epochs | est. training (min) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| experiment | params | stacked | train step (s) | inference batch (s) | epochs "
+        "| est. training (min) |",
+        "| --- | ---: | :---: | ---: | ---: | ---: | ---: |",
     ]
     lines += [
-        f"| {r['experiment']} | {r['params']:,} | {r['train_s']:.3f} | {r['infer_s']:.3f} | {r['epochs']} | "
-        f"{r['est_min']:.1f} |"
+        f"| {r['experiment']} | {r['params']:,} | {r['stacked']} | {r['train_s']:.3f} | {r['infer_s']:.3f} | "
+        f"{r['epochs']} | {r['est_min']:.1f} |"
         for r in rows
     ]
     text = "\n".join(lines) + "\n"

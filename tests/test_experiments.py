@@ -307,3 +307,50 @@ def test_every_table_row_names_an_experiment():
                     assert name in known, (
                         f"{path.name}: row {row['label']!r} names {name!r}, which nothing declares"
                     )
+
+
+def test_no_table_prints_a_command_for_an_experiment_that_does_not_exist(tmp_path):
+    """Every table rendered with no runs prints a command for every row; each names declared experiments
+    (a glob matches at least one), existing config-group options and existing scripts."""
+    import fnmatch
+    import re
+
+    import pandas as pd
+
+    from fusionbench.tables import build_tables
+
+    known = set(rows()) | {p.stem for p in (CONFIGS / "experiment").glob("*.yaml")}
+    (tmp_path / "empty").mkdir()
+    rendered = build_tables(CONFIGS / "tables", tmp_path / "out", tmp_path / "empty")
+    assert len(rendered) == len(list((CONFIGS / "tables").glob("*.yaml")))
+    checked = 0
+    for name in rendered:
+        text = (tmp_path / "out" / f"{name}.md").read_text()
+        commands = re.findall(r"`(python [^`]+)`", text)
+        assert commands, f"{name}: no command printed although no row has runs"
+        for command in commands:
+            words = [w.strip("'\"") for w in command.split()]
+            script = words[1]
+            assert (ROOT / script).is_file(), f"{name}: `{command}` runs {script}, which does not exist"
+            for word in words[2:]:
+                key, _, value = word.partition("=")
+                if key == "experiment":
+                    glob = re.fullmatch(r"glob\((.+)\)", value)
+                    if glob:  # Hydra's glob(include[, exclude=...]), a pattern or a [list] each
+                        include, _, exclude = glob.group(1).partition(",exclude=")
+                        pick = {n for p in include.strip("[]").split(",") for n in fnmatch.filter(known, p)}
+                        pick -= {
+                            n for p in exclude.strip("[]").split(",") if p for n in fnmatch.filter(known, p)
+                        }
+                        assert pick, f"{name}: `{command}` matches nothing"
+                    elif value == "<experiment>":  # the CSV's experiment column names them
+                        listed = set(pd.read_csv(tmp_path / "out" / f"{name}.csv")["experiment"].dropna())
+                        assert listed and listed <= known, f"{name}: undeclared {sorted(listed - known)}"
+                    else:
+                        assert value in known, f"{name}: `{command}` names {value!r}, which nothing declares"
+                    checked += 1
+                elif (CONFIGS / key).is_dir() and "." not in key:
+                    assert (CONFIGS / key / f"{value}.yaml").is_file(), (
+                        f"{name}: `{command}`: no {key}={value}"
+                    )
+    assert checked > 100

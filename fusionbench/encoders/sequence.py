@@ -213,6 +213,9 @@ class TransformerSeqEncoder(ContextEncoder):
         positions: ``none`` (MultiBench's finance Transformer adds none), ``sinusoidal`` or ``learned``.
         max_len: longest sequence for ``sinusoidal`` / ``learned`` positions.
         pool: ``last`` (MultiBench) or ``mean`` over time steps.
+        stack: let a fusion run this encoder together with others of the same shape as one batched
+            computation (`fusionbench.encoders.stacked`: the same outputs, far fewer kernels for the 11-14
+            per-stock encoders of the stock models); false runs it on its own.
 
     A context (`attach_context`, layer 0) is concatenated to every time step's input (module docstring);
     it joins before the positions are added.
@@ -231,6 +234,7 @@ class TransformerSeqEncoder(ContextEncoder):
         positions: str = "none",
         max_len: int = 500,
         pool: str = "last",
+        stack: bool = True,
     ) -> None:
         super().__init__()
         if positions not in POSITIONS:
@@ -242,6 +246,7 @@ class TransformerSeqEncoder(ContextEncoder):
         self.in_features = int(in_features)
         self.dim = int(dim)
         self.pool = pool
+        self.stack = bool(stack)
         self.max_len = int(max_len)
         self.proj = nn.Linear(self.in_features, self.dim, bias=False)
         if positions == "sinusoidal":

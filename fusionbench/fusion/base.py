@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from fusionbench.encoders.stacked import encode_all
 from fusionbench.errors import ConfigError
 
 
@@ -103,10 +104,10 @@ class EncoderFusion(nn.Module):
     def encode(
         self, inputs: Mapping[str, torch.Tensor], context: Mapping[str, torch.Tensor] | None = None
     ) -> dict[str, torch.Tensor]:
-        """Encoder outputs; ``context`` (keyed like `encoders`) is passed to the encoders."""
+        """Encoder outputs; ``context`` (keyed like `encoders`) is passed to the encoders. Encoders of one
+        shape that allow it run as one batched computation (`fusionbench.encoders.stacked`)."""
         self.check_inputs(inputs)
-        context = context or {}
-        return {m: self.encoders[m](inputs[m], context.get(m)) for m in self.modalities}
+        return encode_all(self.encoders, self.modalities, inputs, context or {})
 
     def fuse(self, embeddings: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The fused vector (B, fused_dim); baselines implement only this."""

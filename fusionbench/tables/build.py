@@ -45,6 +45,7 @@ class Metric:
     label: str
     scale: float = 1.0
     digits: int = 3
+    spread: bool = True  # false: the mean alone (a value every seed shares, e.g. a parameter count)
 
     def fmt(self, value: float | None) -> str:
         if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -211,7 +212,7 @@ def early_selections(sel: pd.DataFrame) -> list[int]:
 def _cell(m: Metric, mean: float | None, std: float | None) -> str:
     if mean is None:
         return DASH
-    return m.fmt(mean) if std is None else f"{m.fmt(mean)} ± {m.fmt(std)}"
+    return m.fmt(mean) if std is None or not m.spread else f"{m.fmt(mean)} ± {m.fmt(std)}"
 
 
 def table_cells(spec: TableSpec, rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:

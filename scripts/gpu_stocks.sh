@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One prepared GPU window for Pro-Fusion Table 4's transformer cells (LF-Transformer, MulT, EF-Transformer, base
+# and Pro-Fusion, three sectors): (1) the step time of each model on the GPU, per-stock encoders one after another
+# and stacked (scripts/bench_stocks.py), then (2) the cells themselves, PARALLEL training processes at once on the
+# one GPU (scripts/run_queue.py: seed-major, so base and Pro rows fill on the same seeds first; no job starts after
+# BUDGET seconds, so the window ends with whole runs). Finished runs' record files land in $OUT/runs/ (copy them
+# to results/runs/ and run `make tables`); cells with a record in results/runs are skipped, so a second window
+# continues where the first stopped. Run from the repository root; on the workplace's lent machine copy
+# ../shared/wheels/*.whl to .whl/ first and name .whl in the run's carry.
+#   PARALLEL=8  SEEDS=0-4  BUDGET=420 (s)  MODELS="lftransf mult eftransf"  SECTORS="fnb health tech"  PARTS="bench runs"
+set -uo pipefail
+OUT=${OUT:-gpu_stocks}
+PARALLEL=${PARALLEL:-8}
+SEEDS=${SEEDS:-0-4}
+BUDGET=${BUDGET:-420}
+MODELS=${MODELS:-lftransf mult eftransf}
+SECTORS=${SECTORS:-fnb health tech}
+PARTS=${PARTS:-bench runs}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 WANDB_MODE=offline PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+LOG="$OUT/gpu_stocks.log"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch; print('torch', torch.__version__)"; } 2>&1 | tee "$LOG"
+
+if [[ " $PARTS " == *" bench "* ]]; then
+  echo "== 1. train-step time per model on the GPU (F&B), per-stock vs stacked encoders" | tee -a "$LOG"
+  # shellcheck disable=SC2086
+  timeout 150 python3 scripts/bench_stocks.py --device cuda --models $MODELS --variants base pro --steps 10 \
+    --warmup 3 --repeats 2 --out "$OUT/pro_t4_timing_gpu.md" 2>&1 | tail -30 | tee -a "$LOG"
+fi
+
+if [[ " $PARTS " == *" runs "* ]]; then
+  echo "== 2. Table 4 transformer cells, $PARALLEL at once, seeds $SEEDS, no start after ${BUDGET} s" | tee -a "$LOG"
+  patterns=()
+  for sector in $SECTORS; do for model in $MODELS; do patterns+=("pro_t4_${sector}_${model}_*"); done; done
+  python3 scripts/run_queue.py "${patterns[@]}" --seeds "$SEEDS" --parallel "$PARALLEL" --deadline "$BUDGET" \
+    --collect "$OUT" --logs "$OUT/logs" --python python3 -- trainer=gpu logger=csv trainer.enable_progress_bar=false \
+    2>&1 | tee -a "$LOG"
+  nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv | tee -a "$LOG"
+fi
