@@ -279,7 +279,7 @@ def test_artifact_curve_reads_probe_files(tmp_path):
 
 
 def test_linear_probe_separates_and_tracks_steps():
-    from fusionbench.fusion.profusion.probe import linear_probe, probe_accuracy
+    from fusionbench.fusion.profusion.probe import linear_probe, probe_accuracy, unrolled_embeddings
 
     g = torch.Generator().manual_seed(0)
     y = torch.arange(200) % 3
@@ -292,9 +292,13 @@ def test_linear_probe_separates_and_tracks_steps():
     x = batch(12)
     batches = [{"inputs": x, "target": torch.arange(12) % 3}]
     acc = linear_probe(model, batches, batches, 3)
-    assert sorted(acc) == ["a", "b"] and all(
+    assert sorted(acc) == ["a", "all", "b"] and all(
         len(v) == 3 and all(0.0 <= a <= 1.0 for a in v) for v in acc.values()
     )
+    # "all" is the probe of both encoders' outputs side by side, step by step
+    feats, labels = unrolled_embeddings(model, batches, 3)
+    joint = torch.cat([feats["a"][1], feats["b"][1]], dim=1)
+    assert acc["all"][1] == probe_accuracy((joint, labels), (joint, labels), 3)
     with pytest.raises(ConfigError, match="need a Pro-Fusion model"):
         linear_probe(model.base, batches, batches, 3)
 

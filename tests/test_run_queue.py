@@ -1,5 +1,5 @@
-"""scripts/run_queue.py: table cells run side by side through train.py, records collected, finished cells skipped,
-a deadline starts nothing new."""
+"""scripts/run_queue.py: table cells run side by side through train.py, records collected, finished cells
+skipped, a deadline starts nothing new."""
 
 from __future__ import annotations
 
@@ -14,7 +14,14 @@ ROW = "pro_fig7_generative_base_eta0_sigma0.1"  # a generative row: seconds per 
 
 def queue(tmp_path, *args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ROOT / "scripts" / "run_queue.py"), *args, "--results", str(tmp_path / "res")]
-    cmd += ["--logs", str(tmp_path / "logs"), "--", "trainer.max_epochs=1", "logger=none", "dataset.batch_size=512"]
+    cmd += [
+        "--logs",
+        str(tmp_path / "logs"),
+        "--",
+        "trainer.max_epochs=1",
+        "logger=none",
+        "dataset.batch_size=512",
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 

@@ -80,7 +80,9 @@ def linear_probe(
     steps: int | None = None,
     train_limit: int | None = 10000,
 ) -> dict[str, list[float]]:
-    """``{modality: [test accuracy of the probe at step 1, ..., step R]}``."""
+    """``{modality: [test accuracy of the probe at step 1, ..., step R]}``, and under ``"all"`` the probe of
+    every encoder's output concatenated (the whole input of the fusion layer at that step): whether a unimodal
+    probe falls because information left that encoder or because it left the model."""
     if not hasattr(model, "unroll"):
         raise ConfigError(
             f"Linear probes over unroll steps need a Pro-Fusion model; got {type(model).__name__}."
@@ -88,6 +90,9 @@ def linear_probe(
     steps = int(steps or model.unroll_steps)
     tr, y_tr = unrolled_embeddings(model, train_batches, steps, train_limit)
     te, y_te = unrolled_embeddings(model, test_batches, steps)
+    if len(tr) > 1:
+        for feats in (tr, te):
+            feats["all"] = [torch.cat([feats[m][t] for m in sorted(feats)], dim=1) for t in range(steps)]
     return {
         m: [probe_accuracy((tr[m][t], y_tr), (te[m][t], y_te), num_classes) for t in range(steps)]
         for m in sorted(tr)
