@@ -117,6 +117,10 @@ def test_only_encoders_of_one_shape_and_input_are_stacked(monkeypatch):
     calls.clear()
     encode_all(encs, sorted(encs), x, {})
     assert calls == []
+    encs["s0"].stack = True
+    encs["s1"].eval()  # a frozen encoder beside training ones keeps its own mode: no stack
+    encode_all(encs, sorted(encs), x, {})
+    assert calls == []
 
 
 def test_the_stock_lf_transformer_and_its_pro_fusion_run_stacked_with_the_per_stock_outputs(monkeypatch):

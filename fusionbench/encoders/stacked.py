@@ -11,7 +11,9 @@ groups, Pro-Fusion's context joins and parameter counts are those of the per-sto
 ``tests/test_stacked.py`` checks outputs and gradients against the per-encoder forward on the same weights.
 
 Dropout draws one mask for the stack instead of one per encoder: the same distribution, a different random
-stream, so a training run with dropout is not bit-identical to the per-encoder one (evaluation is).
+stream, so a training run with dropout is not bit-identical to the per-encoder one (evaluation is). Compute
+counts (`fusionbench.compute`) see the same operations, attributed to the fusion module instead of each
+encoder.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from fusionbench.encoders.sequence import TransformerSeqEncoder, as_sequence
 
 
 def stack_key(encoder: nn.Module, x: torch.Tensor, context: torch.Tensor | None) -> tuple | None:
-    """Encoders with equal keys (same class, sizes, flags, input shape, context or not) run as one stack;
+    """Encoders with equal keys (same sizes, dropout, mode, input and context shapes) run as one stack;
     None: this encoder runs on its own."""
     if not isinstance(encoder, TransformerSeqEncoder) or not encoder.stack:
         return None
@@ -46,7 +48,8 @@ def stack_key(encoder: nn.Module, x: torch.Tensor, context: torch.Tensor | None)
         encoder.pool,
         type(encoder.positions).__name__,
         encoder.learned,
-        uses_context,
+        encoder.training,
+        tuple(context.shape) if uses_context else None,
         tuple(x.shape),
         x.dtype,
         x.device,
