@@ -28,15 +28,23 @@ def ols_test_mse(eta: float, sigma2: float, seed: int) -> float:
     return float(((b @ w - y_test) ** 2).mean())
 
 
+def seed_range(text: str) -> range:
+    """``first-last`` (inclusive), e.g. ``0-29``."""
+    first, sep, last = text.partition("-")
+    if not (sep and first.isdigit() and last.isdigit() and int(first) <= int(last)):
+        raise argparse.ArgumentTypeError(f"--seeds takes first-last, e.g. 0-29; got {text!r}")
+    return range(int(first), int(last) + 1)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--eta", type=float, nargs="+", default=[0.0, 2.0])
     p.add_argument("--sigma2", type=float, default=0.1)
-    p.add_argument("--seeds", default="0-9", help="first-last")
+    p.add_argument("--seeds", type=seed_range, default=range(0, 10), help="first-last (default 0-9)")
     args = p.parse_args()
-    lo, hi = (int(s) for s in args.seeds.split("-"))
+    lo, hi = args.seeds[0], args.seeds[-1]
     for eta in args.eta:
-        mse = [ols_test_mse(eta, args.sigma2, s) for s in range(lo, hi + 1)]
+        mse = [ols_test_mse(eta, args.sigma2, s) for s in args.seeds]
         print(
             f"eta={eta:g} sigma2={args.sigma2:g} seeds {lo}-{hi}: "
             f"OLS test MSE mean {statistics.mean(mse):.2f}  " + " ".join(f"{m:.2f}" for m in mse)
