@@ -1,6 +1,6 @@
 """Linear probes of each modality's representation over Pro-Fusion's unroll steps (Figure 13), for
 finished runs: writes ``linear_probe.json`` ({modality: {step: test accuracy}}) into each run folder,
-which `make tables` turns into results/pro_fig13_*.
+which `make tables` turns into results/pro_fig13_*. A base model's run gets step 1 only (its encoders).
 
     python scripts/linear_probe.py results/runs/pro_t1_avmnist_lf_pro/seed=*
     python scripts/linear_probe.py RUN --steps 4 --train-samples 5000   # probe beyond the trained R

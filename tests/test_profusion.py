@@ -266,7 +266,8 @@ def test_artifact_curve_reads_probe_files(tmp_path):
         "name: p\nkind: curve\nartifact: linear_probe.json\ntitle: P\nseeds: 2\n"
         "x: {label: step, values: [1, 2]}\n"
         "metrics: [{key: probe/acc, label: acc, scale: 100, digits: 1}]\n"
-        "rows: [{label: image, experiment: run, series: image}]\n"
+        "rows: [{label: image, experiment: run, series: image},\n"
+        "       {label: base image, experiment: base, series: image, at: [1]}]\n"
     )
     for seed, (a1, a2) in enumerate([(0.5, 0.6), (0.7, 0.8)]):
         _run(tmp_path, "run", seed)
@@ -274,8 +275,26 @@ def test_artifact_curve_reads_probe_files(tmp_path):
         (tmp_path / "results" / "runs" / "run" / f"seed={seed}" / "linear_probe.json").write_text(
             json.dumps(probe)
         )
+    _run(tmp_path, "base", 0)
+    (tmp_path / "results" / "runs" / "base" / "seed=0" / "linear_probe.json").write_text(
+        json.dumps({"image": {"1": 0.55}})
+    )
     md = build_tables(tmp_path / "tables", tmp_path / "out", tmp_path)["p"]
     assert "| image | 60.0 ± 14.1 (2/2) | 70.0 ± 14.1 (2/2) |" in md
+    # a base model has step 1 only: its step-2 cell is n/a, not a missing run; seed 1 of step 1 is missing
+    assert "| base image | 55.0 (1/2) | n/a |" in md
+    assert "n/a: the row has no such point." in md and "1 of 3 points have fewer runs" in md
+    csv_rows = (tmp_path / "out" / "p.csv").read_text().splitlines()
+    assert [r.split(",")[:3] for r in csv_rows[1:]] == [
+        ["image", "run", "1"],
+        ["image", "run", "2"],
+        ["base image", "base", "1"],
+    ]
+    (tmp_path / "tables" / "p.yaml").write_text(
+        (tmp_path / "tables" / "p.yaml").read_text().replace("at: [1]", "at: [3]")
+    )
+    with pytest.raises(ValueError, match="`at` .* must be among x.values"):
+        build_tables(tmp_path / "tables", tmp_path / "out", tmp_path)
 
 
 def test_linear_probe_separates_and_tracks_steps():
@@ -299,8 +318,13 @@ def test_linear_probe_separates_and_tracks_steps():
     feats, labels = unrolled_embeddings(model, batches, 3)
     joint = torch.cat([feats["a"][1], feats["b"][1]], dim=1)
     assert acc["all"][1] == probe_accuracy((joint, labels), (joint, labels), 3)
-    with pytest.raises(ConfigError, match="need a Pro-Fusion model"):
-        linear_probe(model.base, batches, batches, 3)
+    # a base model has one step, its encoders' outputs: on the same weights, the Pro model's step 1 (c_0 = 0)
+    base = linear_probe(model.base, batches, batches, 3)
+    assert base == {m: [v[0]] for m, v in acc.items()}
+    with pytest.raises(ConfigError, match="base model with one step.*not 2"):
+        linear_probe(model.base, batches, batches, 3, steps=2)
+    with pytest.raises(ConfigError, match="need a model with encoders and a fusion step; got Linear"):
+        linear_probe(nn.Linear(2, 3), batches, batches, 3)
 
 
 def test_batch_norm_keeps_running_statistics_per_unroll_step():

@@ -110,6 +110,11 @@ class TableSpec:
             if not raw.get("x", {}).get("values") or len(raw["metrics"]) != 1:
                 raise ValueError(f"{path}: a curve table needs `x: {{label, values}}` and exactly one metric")
             for row in raw["rows"]:
+                if not set(row.get("at", [])) <= set(raw["x"]["values"]):
+                    raise ValueError(
+                        f"{path}: a curve row's `at` (the x values it has) must be among x.values "
+                        f"{raw['x']['values']}: {row}"
+                    )
                 if raw.get("artifact"):
                     if "series" not in row:
                         raise ValueError(

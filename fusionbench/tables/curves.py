@@ -9,7 +9,9 @@ relative improvement ``100 (baseline - run) / |baseline|`` (for a lower-is-bette
 share their data. With ``artifact: <file>`` the values come instead from a JSON file in each run folder
 (``<file>[row.series][x]``, e.g. the linear probes of ``scripts/linear_probe.py``), and ``experiment``
 is a plain name. Cells are mean ± sample std over seeds with the runs found; missing points stay
-dashes and the notes give the command that fills them. Output: ``<name>.md``, ``.csv``, ``.png``.
+dashes and the notes give the command that fills them. A row with ``at: [x, ...]`` has only those points
+(e.g. a base model's probe, which has one step); its other cells read n/a and are not missing.
+Output: ``<name>.md``, ``.csv``, ``.png``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ import pandas as pd
 from fusionbench.tables.plotting import save_figure
 
 DASH = "—"
+NA = "n/a"
 
 
 def point_experiment(row: dict[str, Any], x: Any, pattern: str = "experiment") -> str:
@@ -67,6 +71,9 @@ def curve_rows(spec, runs: pd.DataFrame) -> list[dict[str, Any]]:
     for row in spec.rows:
         points = []
         for x in spec.x["values"]:
+            if x not in row.get("at", spec.x["values"]):
+                points.append({"x": x, "n": 0, "mean": None, "std": None, "na": True})
+                continue
             if spec.artifact:
                 vals = _artifact_values(runs, row["experiment"], spec.artifact, row["series"], x)
             else:
@@ -88,6 +95,8 @@ def curve_rows(spec, runs: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def _cell(metric, p: dict[str, Any], seeds: int, improvement: bool) -> str:
+    if p.get("na"):
+        return NA
     if p["mean"] is None:
         return f"{DASH} (0/{seeds})"
     fmt = (lambda v: f"{v:+.1f}") if improvement else metric.fmt
@@ -122,10 +131,13 @@ def curve_markdown(spec, rows: list[dict[str, Any]]) -> str:
     lines += ["", f"Cells: {what}, mean ± sample std over seeds (runs found / seeds expected)."]
     if spec.has_reported:
         lines.append(f"Reported rows: read from {spec.reported_source}; not measured by us.")
-    missing = [(r, p) for r in rows for p in r["points"] if p["n"] < spec.seeds]
+    if any(p.get("na") for r in rows for p in r["points"]):
+        lines.append(f"{NA}: the row has no such point.")
+    points = [p for r in rows for p in r["points"] if not p.get("na")]
+    missing = [p for p in points if p["n"] < spec.seeds]
     if missing:
         lines.append(
-            f"{len(missing)} of {sum(len(r['points']) for r in rows)} points have fewer runs than expected; "
+            f"{len(missing)} of {len(points)} points have fewer runs than expected; "
             f"to fill them: `{spec.command}`"
         )
     return "\n".join(lines) + "\n"
@@ -146,7 +158,7 @@ def curve_csv(spec, rows: list[dict[str, Any]]) -> str:
         ]
     )
     for r in rows:
-        for p in r["points"]:
+        for p in (p for p in r["points"] if not p.get("na")):
             w.writerow(
                 [
                     r["label"],
@@ -168,13 +180,17 @@ def curve_figure(spec, rows: list[dict[str, Any]], out_dir: Path) -> Path:
     import matplotlib.pyplot as plt
 
     metric = spec.metrics[0]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    many = (
+        len(rows) > 8
+    )  # e.g. Figure 13's probe rows: a wider figure, 20 colours, the legend beside the axes
+    fig, ax = plt.subplots(figsize=(9, 4.5) if many else (5, 3.5))
+    colors = plt.get_cmap("tab20").colors if many else [None]
     labels = [str(x) for x in spec.x["values"]]
     numeric = all(isinstance(x, (int, float)) for x in spec.x["values"])
     positions = list(spec.x["values"]) if numeric else list(range(len(labels)))
     scale = 1.0 if spec.improvement else metric.scale
     drawn = False
-    for r in rows:
+    for i, r in enumerate(rows):
         pts = [(pos, p) for pos, p in zip(positions, r["points"]) if p["mean"] is not None]
         if not pts:
             continue
@@ -183,21 +199,23 @@ def curve_figure(spec, rows: list[dict[str, Any]], out_dir: Path) -> Path:
             [pos for pos, _ in pts],
             [p["mean"] * scale for _, p in pts],
             yerr=[(p["std"] or 0.0) * scale for _, p in pts],
-            marker="o",
+            marker="osD^v"[i // len(colors) % 5],
+            color=colors[i % len(colors)],
             capsize=3,
             label=r["label"],
         )
     if numeric and spec.x.get("log"):
         ax.set_xscale("log", base=2)
-    if not numeric:
-        ax.set_xticks(positions, labels)
+    ax.set_xticks(positions, labels)  # the swept values only (no 1.2, 1.4 between unroll steps 1 and 2)
     if spec.improvement:
         ax.axhline(0.0, color="grey", lw=0.8)
     if not drawn:
         ax.text(0.5, 0.5, "no runs yet", ha="center", va="center", transform=ax.transAxes)
+    elif many:
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     else:
         ax.legend(fontsize=7)
     ax.set_xlabel(spec.x.get("label", "x"))
     ax.set_ylabel(f"% improvement ({metric.label})" if spec.improvement else metric.label)
-    ax.set_title(spec.title, fontsize=8)
+    ax.set_title(textwrap.fill(spec.title, 90 if many else 60), fontsize=8)
     return save_figure(fig, out_dir / f"{spec.name}.png")

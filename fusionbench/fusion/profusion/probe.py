@@ -4,11 +4,12 @@ For a trained model, the output of every encoder (the input of the fusion layer)
 unroll step t = 1..R on training and test samples; a multinomial logistic regression is fitted per
 (modality, step) on the training features and scored on the test features. Rising accuracy over t means
 the unimodal representation takes in information from the other modalities through the feedback.
+A base model (no unroll steps) has one step, its encoders' outputs: the reference for a Pro model's step 1.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -16,21 +17,34 @@ import torch.nn.functional as F
 from fusionbench.errors import ConfigError
 
 
+def _unroll(model, steps: int) -> Callable[[Mapping], list]:
+    """The model's steps 1..``steps`` on a batch of inputs; a base model has only step 1."""
+    if hasattr(model, "unroll"):
+        return lambda inputs: model.unroll(inputs, steps)
+    if not hasattr(model, "step"):
+        raise ConfigError(
+            f"Linear probes need a model with encoders and a fusion step; got {type(model).__name__}."
+        )
+    if steps != 1:
+        raise ConfigError(
+            f"{type(model).__name__} is a base model with one step (no unroll steps); probe it with steps=1, "
+            f"not {steps}."
+        )
+    return lambda inputs: [model.step(inputs, None)]
+
+
 @torch.no_grad()
 def unrolled_embeddings(
     model, batches: Iterable[Mapping], steps: int, limit: int | None = None
 ) -> tuple[dict, torch.Tensor]:
     """``({modality: [step-1 features (N, d), ..., step-R features]}, labels (N,))``."""
-    if not hasattr(model, "unroll"):
-        raise ConfigError(
-            f"Linear probes over unroll steps need a Pro-Fusion model; got {type(model).__name__}."
-        )
+    unroll = _unroll(model, steps)
     was_training = model.training
     model.eval()
     feats: dict[str, list[list[torch.Tensor]]] = {}
     labels, seen = [], 0
     for batch in batches:
-        for t, step in enumerate(model.unroll(batch["inputs"], steps)):
+        for t, step in enumerate(unroll(batch["inputs"])):
             for m, h in step.embeddings.items():
                 feats.setdefault(m, [[] for _ in range(steps)])[t].append(h.flatten(1).float())
         labels.append(batch["target"])
@@ -83,11 +97,7 @@ def linear_probe(
     """``{modality: [test accuracy of the probe at step 1, ..., step R]}``, and under ``"all"`` the probe of
     every encoder's output concatenated (the whole input of the fusion layer at that step): whether a unimodal
     probe falls because information left that encoder or because it left the model."""
-    if not hasattr(model, "unroll"):
-        raise ConfigError(
-            f"Linear probes over unroll steps need a Pro-Fusion model; got {type(model).__name__}."
-        )
-    steps = int(steps or model.unroll_steps)
+    steps = int(steps or getattr(model, "unroll_steps", 1))
     tr, y_tr = unrolled_embeddings(model, train_batches, steps, train_limit)
     te, y_te = unrolled_embeddings(model, test_batches, steps)
     if len(tr) > 1:
