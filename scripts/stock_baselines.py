@@ -20,6 +20,7 @@ another prediction.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import hydra
@@ -103,6 +104,11 @@ def main() -> None:
     ap.add_argument("--init", action="store_true", help="also check each run's model before training")
     ap.add_argument("--out", type=Path, help="write the Markdown here too")
     args = ap.parse_args()
+    for run in args.runs:  # a wrong path fails before minutes of reference computations, not as a traceback
+        try:
+            run_config(run)
+        except ConfigError as e:
+            sys.exit(f"stock_baselines: {e}")
 
     command = "python scripts/stock_baselines.py" + (" --init" if args.init else "")
     command += "".join(f" --runs {r}" for r in args.runs[:1]) + "".join(f" {r}" for r in args.runs[1:])
@@ -133,7 +139,7 @@ def main() -> None:
             for init in [False, True] if args.init else [False]:
                 try:
                     c = scale_check(run, args.scale, init)
-                except ConfigError:  # a run whose checkpoints were not kept: its init row still tells
+                except ConfigError:  # checkpoints are not committed: the init row still tells
                     lines.append(f"| {run} | trained | no checkpoint kept | | | |")
                     continue
                 lines.append(

@@ -67,3 +67,10 @@ def test_scale_check_of_a_trained_run(make_cfg):
     assert doubled["mse"] == same["mse"] and doubled["moved"] > 0  # an LSTM sees the scale of its inputs
     init = stock_baselines.scale_check(run, 2.0, init=True)
     assert init["mse"] != same["mse"]  # the untrained model, not the checkpoint
+
+
+def test_a_path_that_is_not_a_run_is_refused_up_front(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["stock_baselines.py", "--runs", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit, match=r"nowhere is not a run folder \(no .hydra/config.yaml\)"):
+        stock_baselines.main()
+    assert capsys.readouterr().out == ""  # nothing computed before the refusal
