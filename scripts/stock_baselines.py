@@ -57,6 +57,12 @@ def references(dm, ks: list[int]) -> dict[str, tuple[float, float]]:
     """``{predictor: (test MSE, Pearson r)}``; ``target[s - 1]`` is window s's last day squared."""
     target = dm.train_set.target
     starts = torch.tensor(list(dm.test_set.starts))
+    if ks and max(ks) > int(starts.min()):
+        # target[s - k : s] would wrap around to the end of the series and average the wrong days
+        raise ValueError(
+            f"a {max(ks)}-day mean needs {max(ks)} earlier days, but the first test window has only "
+            f"{int(starts.min())}; pass smaller --days"
+        )
     y = target[starts]
     preds = {
         CONSTANT: target[torch.tensor(list(dm.train_set.starts))].mean().expand_as(y),

@@ -44,6 +44,15 @@ def test_reference_predictors_by_hand(tmp_path):
             assert r_ == pytest.approx(np.corrcoef(pred, y[test])[0, 1], rel=1e-5), name
 
 
+def test_a_mean_longer_than_the_history_is_refused(tmp_path):
+    folder = tmp_path / "stocks"
+    write_prices(folder, n_days=30)
+    dm = module(folder)  # the first test window starts at day 11
+    assert len(stock_baselines.references(dm, [11])) == 3
+    with pytest.raises(ValueError, match=r"a 12-day mean needs 12 earlier days.*only 11.*--days"):
+        stock_baselines.references(dm, [12])
+
+
 def test_scale_check_of_a_trained_run(make_cfg):
     cfg = make_cfg(
         [
