@@ -11,13 +11,9 @@ SEEDS=${SEEDS:-0}
 VARIANTS=${VARIANTS:-gpu gpu_graph cpu}
 OUT=${OUT:-gpu_check}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 WANDB_MODE=offline PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 LOG="$OUT/gpu_check.log"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PYTHONPATH
-fi
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch; print('torch', torch.__version__)"; } 2>&1 | tee "$LOG"
+# shellcheck source=scripts/gpu_env.sh
+source scripts/gpu_env.sh
 
 if [[ " $PARTS " == *" tests "* ]]; then
   echo "== 1. graph path vs eager path (tests marked gpu) and the CPU DEQ tests" | tee -a "$LOG"

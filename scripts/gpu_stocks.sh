@@ -17,13 +17,9 @@ MODELS=${MODELS:-lftransf mult eftransf}
 SECTORS=${SECTORS:-fnb health tech}
 PARTS=${PARTS:-bench runs}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 WANDB_MODE=offline PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 LOG="$OUT/gpu_stocks.log"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PYTHONPATH
-fi
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch; print('torch', torch.__version__)"; } 2>&1 | tee "$LOG"
+# shellcheck source=scripts/gpu_env.sh
+source scripts/gpu_env.sh
 
 if [[ " $PARTS " == *" bench "* ]]; then
   echo "== 1. train-step time per model on the GPU (F&B), per-stock vs stacked encoders" | tee -a "$LOG"
