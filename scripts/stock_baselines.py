@@ -128,7 +128,11 @@ def main() -> None:
         "| --- | --- | ---: | ---: |",
     ]
     for sector in args.sectors:
-        for name, (mse, r) in references(dataset(SECTORS[sector]), args.days).items():
+        try:
+            refs = references(dataset(SECTORS[sector]), args.days)
+        except ValueError as e:
+            sys.exit(f"stock_baselines: {sector}: {e}")
+        for name, (mse, r) in refs.items():
             lines.append(f"| {sector} | {name} | {mse:.3f} | {'—' if r != r else f'{r:.3f}'} |")
     if args.runs:
         lines += [
