@@ -33,6 +33,8 @@ from fusionbench.train import build
 
 CONSTANT = "constant (training mean)"
 SECTORS = {"F&B": "stocks", "HEALTH": "stocks_health", "TECH": "stocks_tech"}
+DEFAULT_DAYS = [5, 20, 100]
+DEFAULT_SCALE = 2.0
 
 
 def dataset(config: str):
@@ -101,12 +103,28 @@ def scale_check(run: Path, scale: float, init: bool = False) -> dict[str, float]
     }
 
 
+def reproduce_command(args: argparse.Namespace) -> str:
+    """The command line that regenerates this report: every option that is not at its default."""
+    parts = ["python scripts/stock_baselines.py"]
+    if list(args.sectors) != list(SECTORS):
+        parts.append("--sectors " + " ".join(args.sectors))
+    if list(args.days) != DEFAULT_DAYS:
+        parts.append("--days " + " ".join(map(str, args.days)))
+    if args.scale != DEFAULT_SCALE:
+        parts.append(f"--scale {args.scale:g}")
+    if args.init:
+        parts.append("--init")
+    if args.runs:
+        parts.append("--runs " + " ".join(map(str, args.runs)))
+    return " ".join(parts)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sectors", nargs="+", default=list(SECTORS), choices=list(SECTORS))
-    ap.add_argument("--days", type=int, nargs="+", default=[5, 20, 100], help="k of the k-day means")
+    ap.add_argument("--days", type=int, nargs="+", default=DEFAULT_DAYS, help="k of the k-day means")
     ap.add_argument("--runs", type=Path, nargs="*", default=[], help="run folders to scale-check")
-    ap.add_argument("--scale", type=float, default=2.0)
+    ap.add_argument("--scale", type=float, default=DEFAULT_SCALE)
     ap.add_argument("--init", action="store_true", help="also check each run's model before training")
     ap.add_argument("--out", type=Path, help="write the Markdown here too")
     args = ap.parse_args()
@@ -116,8 +134,7 @@ def main() -> None:
         except ConfigError as e:
             sys.exit(f"stock_baselines: {e}")
 
-    command = "python scripts/stock_baselines.py" + (" --init" if args.init else "")
-    command += "".join(f" --runs {r}" for r in args.runs[:1]) + "".join(f" {r}" for r in args.runs[1:])
+    command = reproduce_command(args)
     lines = [
         "# Pro-Fusion Table 4: reference predictors on the stock snapshot",
         "",

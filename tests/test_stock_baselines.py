@@ -83,3 +83,14 @@ def test_a_path_that_is_not_a_run_is_refused_up_front(tmp_path, monkeypatch, cap
     with pytest.raises(SystemExit, match=r"nowhere is not a run folder \(no .hydra/config.yaml\)"):
         stock_baselines.main()
     assert capsys.readouterr().out == ""  # nothing computed before the refusal
+
+
+def test_the_report_names_every_option_that_changes_it():
+    """The report's header is its reproduction command, so a subset of sectors or another scale must show."""
+    parse = stock_baselines.argparse.Namespace
+    defaults = dict(sectors=list(stock_baselines.SECTORS), days=[5, 20, 100], scale=2.0, init=False, runs=[])
+    assert stock_baselines.reproduce_command(parse(**defaults)) == "python scripts/stock_baselines.py"
+    changed = dict(defaults, sectors=["HEALTH"], days=[5], scale=3.0, init=True, runs=[Path("a"), Path("b")])
+    assert stock_baselines.reproduce_command(parse(**changed)) == (
+        "python scripts/stock_baselines.py --sectors HEALTH --days 5 --scale 3 --init --runs a b"
+    )
