@@ -8,10 +8,28 @@ python scripts/make_tables.py --only baselines_rosmap --no-readme
 from __future__ import annotations
 
 import argparse
+import subprocess
 from pathlib import Path
 
 from fusionbench import ROOT
 from fusionbench.tables import build_tables, update_readme
+
+
+def uncommitted_records(root: Path) -> list[str]:
+    """Record files under ``root``/results/runs that git does not track (and does not ignore): the tables
+    just rendered include them, so committing the tables without them leaves main's tables out of step with
+    main's records. Empty outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "ls-files", "--others", "--exclude-standard", "--", "results/runs"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    return [line for line in out.splitlines() if line.endswith(".json")]
 
 
 def main() -> None:
@@ -30,6 +48,13 @@ def main() -> None:
     if not args.no_readme and not args.only:
         changed = update_readme(args.out / "README.md", rendered)
         print(f"{args.out / 'README.md'} tables block " + ("updated" if changed else "unchanged"))
+    loose = uncommitted_records(args.root)
+    if loose:
+        print(
+            f"note: {len(loose)} record file(s) that git does not track went into these tables; commit them"
+        )
+        print("with the tables, or main's tables will not match main's records:")
+        print("\n".join(f"  {path}" for path in loose))
 
 
 if __name__ == "__main__":

@@ -285,3 +285,25 @@ def test_a_cited_row_shows_the_paper_numbers_and_asks_for_no_run(tmp_path):
     spec_file.write_text(yaml.safe_dump(raw))
     with pytest.raises(ValueError, match="a cited row"):
         TableSpec.load(spec_file)
+
+
+def test_make_tables_names_the_records_git_does_not_track(tmp_path):
+    """Tables rendered from an uncommitted record would not match main's records: make_tables says so."""
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import make_tables
+    finally:
+        sys.path.pop(0)
+
+    assert make_tables.uncommitted_records(tmp_path) == []  # not a git checkout: nothing to say
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q"], cwd=tmp_path, check=True)
+    committed = write_run(tmp_path, "demo_base", 0, 0.8)
+    subprocess.run([*git, "add", "."], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "base"], cwd=tmp_path, check=True)
+    write_run(tmp_path, "demo_method", 0, 0.9)
+    (committed / "last.ckpt").write_text("")  # not a record
+    assert make_tables.uncommitted_records(tmp_path) == ["results/runs/demo_method/seed=0/metrics.json"]
