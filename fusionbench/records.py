@@ -23,6 +23,7 @@ from fusionbench.errors import FusionbenchError
 RECORD_NAME = "metrics.json"
 EVALUATION_NAME = "evaluation.json"  # train=false: an evaluation never replaces the training record
 RECORD_VERSION = 1
+MAX_DIRTY_PATHS = 20  # enough to tell code edits from caption edits without bloating every record
 
 
 class RunRecord:
@@ -69,24 +70,28 @@ def write_text(path: str | Path, text: str) -> None:
         ) from exc
 
 
-def git_state() -> dict[str, Any]:
+def git_state(root: Path = ROOT) -> dict[str, Any]:
+    """The commit the code runs at, whether tracked files differ from it, and which (at most
+    ``MAX_DIRTY_PATHS``): an edited table caption and an edited model are both "dirty", and only the paths
+    tell a reader which one a run saw."""
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--verify", "-q", "HEAD"],
-            cwd=ROOT,
+            cwd=root,
             capture_output=True,
             text=True,
             timeout=10,
         )
         sha = head.stdout.strip() if head.returncode == 0 else ""
-        dirty = subprocess.run(
+        status = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
+            cwd=root,
             capture_output=True,
             text=True,
             timeout=10,
         ).stdout
-        return {"sha": sha or None, "dirty": bool(dirty.strip())}
+        paths = sorted(line[3:] for line in status.splitlines() if line.strip())
+        return {"sha": sha or None, "dirty": bool(paths), "dirty_paths": paths[:MAX_DIRTY_PATHS]}
     except (OSError, subprocess.SubprocessError):
         return {"sha": None, "dirty": None}
 

@@ -75,6 +75,30 @@ def test_training_learns_and_writes_a_complete_record(make_cfg):
     assert record["test_checkpoint"].startswith("epoch")  # the best checkpoint, not the last weights
 
 
+def test_git_state_names_the_edited_files(tmp_path):
+    """ "dirty" alone cannot tell an edited caption from an edited model: the record lists the paths."""
+    import subprocess
+
+    from fusionbench.records import MAX_DIRTY_PATHS, git_state
+
+    assert git_state(tmp_path) == {"sha": None, "dirty": False, "dirty_paths": []}  # git fails: no sha
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q"], cwd=tmp_path, check=True)
+    names = [f"f{i:02d}.py" for i in range(MAX_DIRTY_PATHS + 5)]
+    for name in names:
+        (tmp_path / name).write_text("a")
+    subprocess.run([*git, "add", "."], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "c"], cwd=tmp_path, check=True)
+    state = git_state(tmp_path)
+    assert len(state["sha"]) == 40 and state["dirty"] is False and state["dirty_paths"] == []
+    (tmp_path / "new.txt").write_text("untracked files are not the code a run ran")
+    (tmp_path / "f03.py").write_text("b")
+    assert git_state(tmp_path)["dirty_paths"] == ["f03.py"] and git_state(tmp_path)["dirty"] is True
+    for name in names:
+        (tmp_path / name).write_text("c")
+    assert git_state(tmp_path)["dirty_paths"] == names[:MAX_DIRTY_PATHS]  # capped, sorted
+
+
 def test_wall_time_counts_training_once(make_cfg):
     """Testing the selected checkpoint restores it; its saved clock must not be added to the time again."""
     import time
