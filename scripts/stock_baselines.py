@@ -20,6 +20,7 @@ another prediction.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -107,7 +108,7 @@ def reproduce_command(args: argparse.Namespace) -> str:
     """The command line that regenerates this report: every option that is not at its default."""
     parts = ["python scripts/stock_baselines.py"]
     if list(args.sectors) != list(SECTORS):
-        parts.append("--sectors " + " ".join(args.sectors))
+        parts.append("--sectors " + " ".join(map(shlex.quote, args.sectors)))  # F&B needs quotes in a shell
     if list(args.days) != DEFAULT_DAYS:
         parts.append("--days " + " ".join(map(str, args.days)))
     if args.scale != DEFAULT_SCALE:
@@ -115,7 +116,7 @@ def reproduce_command(args: argparse.Namespace) -> str:
     if args.init:
         parts.append("--init")
     if args.runs:
-        parts.append("--runs " + " ".join(map(str, args.runs)))
+        parts.append("--runs " + " ".join(shlex.quote(str(run)) for run in args.runs))
     return " ".join(parts)
 
 

@@ -90,7 +90,8 @@ def test_the_report_names_every_option_that_changes_it():
     parse = stock_baselines.argparse.Namespace
     defaults = dict(sectors=list(stock_baselines.SECTORS), days=[5, 20, 100], scale=2.0, init=False, runs=[])
     assert stock_baselines.reproduce_command(parse(**defaults)) == "python scripts/stock_baselines.py"
-    changed = dict(defaults, sectors=["HEALTH"], days=[5], scale=3.0, init=True, runs=[Path("a"), Path("b")])
+    runs = [Path("a"), Path("b")]
+    changed = dict(defaults, sectors=["F&B", "TECH"], days=[5], scale=3.0, init=True, runs=runs)
     assert stock_baselines.reproduce_command(parse(**changed)) == (
-        "python scripts/stock_baselines.py --sectors HEALTH --days 5 --scale 3 --init --runs a b"
+        "python scripts/stock_baselines.py --sectors 'F&B' TECH --days 5 --scale 3 --init --runs a b"
     )
