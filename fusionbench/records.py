@@ -89,8 +89,10 @@ def git_state(root: Path = ROOT) -> dict[str, Any]:
             capture_output=True,
             text=True,
             timeout=10,
-        ).stdout
-        paths = sorted(line[3:] for line in status.splitlines() if line.strip())
+        )
+        if status.returncode != 0:  # not a checkout: unknown, not clean
+            return {"sha": sha or None, "dirty": None}
+        paths = sorted(line[3:] for line in status.stdout.splitlines() if line.strip())
         return {"sha": sha or None, "dirty": bool(paths), "dirty_paths": paths[:MAX_DIRTY_PATHS]}
     except (OSError, subprocess.SubprocessError):
         return {"sha": None, "dirty": None}

@@ -81,7 +81,7 @@ def test_git_state_names_the_edited_files(tmp_path):
 
     from fusionbench.records import MAX_DIRTY_PATHS, git_state
 
-    assert git_state(tmp_path) == {"sha": None, "dirty": False, "dirty_paths": []}  # git fails: no sha
+    assert git_state(tmp_path) == {"sha": None, "dirty": None}  # not a checkout: unknown, not "clean"
     git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
     subprocess.run([*git, "init", "-q"], cwd=tmp_path, check=True)
     names = [f"f{i:02d}.py" for i in range(MAX_DIRTY_PATHS + 5)]
