@@ -72,8 +72,8 @@ def write_text(path: str | Path, text: str) -> None:
 
 def git_state(root: Path = ROOT) -> dict[str, Any]:
     """The commit the code runs at, whether tracked files differ from it, and which (at most
-    ``MAX_DIRTY_PATHS``): an edited table caption and an edited model are both "dirty", and only the paths
-    tell a reader which one a run saw."""
+    ``MAX_DIRTY_PATHS``, with ``dirty_count`` saying how many there were): an edited table caption and an
+    edited model are both "dirty", and only the paths tell a reader which one a run saw."""
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--verify", "-q", "HEAD"],
@@ -93,7 +93,12 @@ def git_state(root: Path = ROOT) -> dict[str, Any]:
         if status.returncode != 0:  # not a checkout: unknown, not clean
             return {"sha": sha or None, "dirty": None}
         paths = sorted(line[3:] for line in status.stdout.splitlines() if line.strip())
-        return {"sha": sha or None, "dirty": bool(paths), "dirty_paths": paths[:MAX_DIRTY_PATHS]}
+        return {
+            "sha": sha or None,
+            "dirty": bool(paths),
+            "dirty_paths": paths[:MAX_DIRTY_PATHS],
+            "dirty_count": len(paths),  # so a capped list never reads as the whole change
+        }
     except (OSError, subprocess.SubprocessError):
         return {"sha": None, "dirty": None}
 

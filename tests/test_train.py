@@ -91,12 +91,15 @@ def test_git_state_names_the_edited_files(tmp_path):
     subprocess.run([*git, "commit", "-q", "-m", "c"], cwd=tmp_path, check=True)
     state = git_state(tmp_path)
     assert len(state["sha"]) == 40 and state["dirty"] is False and state["dirty_paths"] == []
+    assert state["dirty_count"] == 0
     (tmp_path / "new.txt").write_text("untracked files are not the code a run ran")
     (tmp_path / "f03.py").write_text("b")
     assert git_state(tmp_path)["dirty_paths"] == ["f03.py"] and git_state(tmp_path)["dirty"] is True
     for name in names:
         (tmp_path / name).write_text("c")
-    assert git_state(tmp_path)["dirty_paths"] == names[:MAX_DIRTY_PATHS]  # capped, sorted
+    state = git_state(tmp_path)
+    assert state["dirty_paths"] == names[:MAX_DIRTY_PATHS]  # capped, sorted
+    assert state["dirty_count"] == MAX_DIRTY_PATHS + 5  # the cap is visible, not silent
 
 
 def test_wall_time_counts_training_once(make_cfg):
