@@ -139,6 +139,16 @@ def _best_from_checkpoint(state: dict[str, Any], ckpt_cb: Any) -> dict[str, Any]
     return None
 
 
+def host_info() -> dict[str, Any]:
+    """Where a run ran. CPU kernels split their sums by thread, so the same seed and commit can train
+    differently under another ``OMP_NUM_THREADS``; the thread count also sets the wall time."""
+    return {
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
 def runtime_info(
     cfg,
     dm,
@@ -192,6 +202,7 @@ def runtime_info(
         ),  # MAdds at batch 1 (fusionbench.compute); {"error": ...} if uncountable
         "wall_time_s": round(wall_time_s, 2),
         "git": git or git_state(),
+        "host": host_info(),
         "versions": {
             "fusionbench": __version__,
             "torch": torch.__version__,

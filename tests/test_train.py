@@ -61,6 +61,8 @@ def test_fast_dev_run_every_fusion(fusion, make_cfg):
 
 
 def test_training_learns_and_writes_a_complete_record(make_cfg):
+    import torch
+
     cfg = make_cfg(["dataset=synthetic", "seed=3", *FAST, "trainer.max_epochs=15"])
     result, objs = train(cfg)
     with open(os.path.join(cfg.paths.output_dir, "metrics.json")) as f:
@@ -72,6 +74,7 @@ def test_training_learns_and_writes_a_complete_record(make_cfg):
     assert record["params"]["total"] == sum(p.numel() for p in objs["task"].model.parameters())
     assert record["data"]["sizes"] == {"train": 256, "val": 64, "test": 64}
     assert record["git"]["sha"] is None or len(record["git"]["sha"]) == 40
+    assert record["host"]["torch_threads"] == torch.get_num_threads() >= 1  # sets the float sum order
     assert record["test_checkpoint"].startswith("epoch")  # the best checkpoint, not the last weights
 
 
