@@ -29,7 +29,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-RECORD_FILES = ("metrics.json", "diagnostics.json", "linear_probe.json", "robustness.json")
+RECORD_FILES = (
+    "metrics.json",
+    "diagnostics.json",
+    "linear_probe.json",
+    "robustness.json",
+    "epoch_tests.json",
+)
 HYDRA_FILES = (".hydra/config.yaml", ".hydra/overrides.yaml")
 
 
