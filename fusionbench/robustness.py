@@ -43,10 +43,15 @@ Areas (Pro-Fusion appendix "Robustness Computation", after Taori et al. 2020):
   sign flipped for error metrics (``relative_auc``), then min-max scaled to [0, 1] across the models
   compared in one table (``scale_unit``). After scaling, the baseline cancels: tau(f) - tau(g) does not
   depend on b, so scaled values depend only on the compared set.
+
+A debug run's test limit (``fast_dev_run``, ``limit_test_batches``: ``batch_limit``) also limits every
+point of the grid to its first batches, so ``debug=fdr`` stays a smoke run; the record's
+``limit_batches`` then says the curves are partial.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -243,6 +248,28 @@ def modality_stds(dataset: Dataset, modalities: Sequence[str], batch_size: int) 
 
 
 @torch.no_grad()
+def batch_limit(trainer: Mapping[str, Any]) -> int | float | None:
+    """The test-batch limit of a trainer config (Lightning's ``fast_dev_run`` / ``limit_test_batches``),
+    which the robustness passes follow so that a debug run stays short: an int is a number of batches, a
+    float a share of them, None every batch."""
+    fdr = trainer.get("fast_dev_run", False)
+    if fdr:
+        return 1 if fdr is True else int(fdr)
+    limit = trainer.get("limit_test_batches")
+    if limit is None or (isinstance(limit, float) and limit >= 1.0):
+        return None
+    return limit
+
+
+def limited(n_batches: int, limit: int | float | None) -> int:
+    """How many of ``n_batches`` a ``batch_limit`` keeps (a share keeps at least one, as Lightning's)."""
+    if limit is None:
+        return n_batches
+    if isinstance(limit, float):
+        return min(n_batches, max(1, int(n_batches * limit)))
+    return min(n_batches, int(limit))
+
+
 def evaluate(
     model: torch.nn.Module,
     dataset: Dataset,
@@ -250,11 +277,14 @@ def evaluate(
     num_outputs: int,
     batch_size: int,
     extra: tuple[str, ...] = (),
+    limit: int | float | None = None,
 ) -> dict[str, float]:
-    """Test metrics of ``model`` on ``dataset`` (the task's metric collection, eval mode)."""
+    """Test metrics of ``model`` on ``dataset`` (the task's metric collection, eval mode), on its first
+    batches only under a ``batch_limit``."""
     metrics = make_metrics(task_type, num_outputs, extra)
     device = next(model.parameters()).device
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    for batch in itertools.islice(loader, limited(len(loader), limit)):
         inputs = {m: x.to(device) for m, x in batch["inputs"].items()}
         out = model(inputs)
         metrics.update(
@@ -293,9 +323,10 @@ def scale_unit(values: Mapping[str, float]) -> dict[str, float]:
     }
 
 
-def run_grid(task: Any, dm: Any, grid: Mapping[str, Any]) -> dict[str, Any]:
+def run_grid(task: Any, dm: Any, grid: Mapping[str, Any], limit: int | float | None = None) -> dict[str, Any]:
     """Evaluate ``task.model`` on the test split under every point of ``grid``: the record's
-    ``robustness``.
+    ``robustness``. A debug run's ``batch_limit`` evaluates each point on the first batches only, and the
+    record says so (``limit_batches``).
 
     Per curve: ``modalities``, ``metrics`` (name -> one value per level; the mean over ``seeds`` when the
     grid has several), ``auc`` (of those values); with several seeds also ``std`` (name -> population std per
@@ -335,6 +366,7 @@ def run_grid(task: Any, dm: Any, grid: Mapping[str, Any]) -> dict[str, Any]:
                         dm.num_outputs,
                         spec["batch_size"],
                         tuple(getattr(task, "extra_metrics", ())),
+                        limit,
                     )
                 )
             per_level.append(per_seed)
@@ -350,7 +382,10 @@ def run_grid(task: Any, dm: Any, grid: Mapping[str, Any]) -> dict[str, Any]:
         curves[scope]["auc"] = {k: auc(spec["levels"], v) for k, v in values.items()}
         log.info("robustness curve %r (%s): raw AUC %s", scope, ",".join(spec["noise"]), curves[scope]["auc"])
     model.train(was_training)
-    return {**spec, "scales": scales, "curves": curves, "wall_time_s": round(time.time() - start, 2)}
+    out = {**spec, "scales": scales, "curves": curves, "wall_time_s": round(time.time() - start, 2)}
+    if limit is not None:
+        out["limit_batches"] = limit
+    return out
 
 
 __all__ = [
@@ -358,6 +393,7 @@ __all__ = [
     "CorruptedDataset",
     "Corruption",
     "auc",
+    "batch_limit",
     "check_grid",
     "evaluate",
     "feature_drop",

@@ -270,11 +270,13 @@ def load_tested(task: FusionTask, test_ckpt: str | None) -> None:
         task.load_state_dict(torch.load(test_ckpt, map_location="cpu", weights_only=False)["state_dict"])
 
 
-def robustness_curves(grid: DictConfig, dm: FusionDataModule, task: FusionTask) -> dict[str, Any]:
-    """The test split under the `robustness` grid (``task`` holds the tested weights)."""
-    from fusionbench.robustness import run_grid
+def robustness_curves(cfg: DictConfig, dm: FusionDataModule, task: FusionTask) -> dict[str, Any]:
+    """The test split under the `robustness` grid (``task`` holds the tested weights), as few batches per
+    point as the trainer's test (``debug=fdr``: one)."""
+    from fusionbench.robustness import batch_limit, run_grid
 
-    return run_grid(task, dm, OmegaConf.to_container(grid, resolve=True))
+    grid = OmegaConf.to_container(cfg.robustness, resolve=True)
+    return run_grid(task, dm, grid, batch_limit(cfg.trainer))
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -343,9 +345,7 @@ def _run(
     if (cfg.test or cfg.get("robustness")) and trainer.is_global_zero:
         load_tested(task, test_ckpt)  # what follows looks at the tested weights
     robustness = (
-        robustness_curves(cfg.robustness, dm, task)
-        if cfg.get("robustness") and trainer.is_global_zero
-        else None
+        robustness_curves(cfg, dm, task) if cfg.get("robustness") and trainer.is_global_zero else None
     )
     wall = task.wall_time_s() if cfg.train else time.time() - start  # every attempt of a resumed run
     result = runtime_info(cfg, dm, task, trainer, test_metrics, test_ckpt, wall_time_s=wall, git=git)

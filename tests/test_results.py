@@ -50,12 +50,14 @@ def project(tmp_path) -> Path:
     write_run(tmp_path, "demo_method", 1, 0.6)
     write_run(tmp_path, "demo_method", 2, 0.99, status="running")  # unfinished: never counted
     write_run(tmp_path, "demo_method", 3, 0.99, fast_dev_run=True)  # debug: never counted
+    write_run(tmp_path, "demo_method", 5, 0.99, tags=["debug"])  # debug=limit: never counted
     (tmp_path / "results" / "runs" / "demo_method" / "seed=4").mkdir()  # crashed before any record
     return tmp_path
 
 
-def test_collect_skips_unfinished_and_debug_runs(project):
+def test_collect_skips_unfinished_and_debug_runs(project, caplog):
     runs = collect_runs([project / "results" / "runs"])
+    assert "seed=5 is a debug run" in caplog.text
     assert sorted(zip(runs.experiment_name, runs.seed)) == [
         ("demo_base", 0),
         ("demo_base", 1),

@@ -16,6 +16,7 @@ from fusionbench.fusion.base import FusionOutput
 from fusionbench.robustness import (
     Corruption,
     auc,
+    batch_limit,
     check_grid,
     evaluate,
     feature_drop,
@@ -157,6 +158,48 @@ def test_curves_match_the_expected_errors_of_a_linear_model():
     )
 
 
+@pytest.mark.parametrize(
+    "trainer, limit",
+    [
+        ({}, None),
+        ({"fast_dev_run": True}, 1),
+        ({"fast_dev_run": 3}, 3),
+        ({"fast_dev_run": False, "limit_test_batches": 0.25}, 0.25),
+        ({"limit_test_batches": 2}, 2),
+        ({"limit_test_batches": 1.0}, None),
+    ],
+)
+def test_the_batch_limit_is_the_trainers_test_limit(trainer, limit):
+    assert batch_limit(trainer) == limit
+
+
+def test_the_debug_configs_limit_the_grid():
+    assert batch_limit(compose_cfg(["debug=fdr"]).trainer) == 1
+    assert batch_limit(compose_cfg(["debug=limit"]).trainer) == 0.25
+    assert batch_limit(compose_cfg([]).trainer) is None
+
+
+def test_a_limited_grid_evaluates_the_first_batches_only():
+    w = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.5, -1.0, 3.0])}
+    dm, task = Frames({"a": (2,), "b": (3,)}, w, n=40), Task(LinearSum(w))
+    grid = {"levels": [0.0, 0.5, 1.0], "noise": ["white"], "scopes": ["all", "each"], "batch_size": 8}
+    full = run_grid(task, dm, grid)
+    assert "limit_batches" not in full
+    head = Frames(
+        {"a": (2,), "b": (3,)}, w, n=40
+    )  # the first 8 / 16 samples: the same seeded noise per index
+    for limit, n in ((1, 8), (0.5, 16), (0.01, 8)):  # a share keeps at least one batch
+        got = run_grid(task, dm, grid, limit)
+        head.test_set = TensorDictDataset(
+            {m: dm.test_set.inputs[m][:n] for m in dm.modalities}, dm.test_set.target[:n]
+        )
+        want = run_grid(task, head, grid)
+        assert got["limit_batches"] == limit
+        for scope in ("all", "a", "b"):
+            assert got["curves"][scope]["metrics"] == want["curves"][scope]["metrics"]
+            assert got["curves"][scope]["metrics"] != full["curves"][scope]["metrics"]
+
+
 def test_drop_curves_match_the_expected_errors():
     w = {"s": torch.ones(6, 2)}  # one (time=6, features=2) sequence per sample, y = sum of its values
     dm, task = Frames({"s": (6, 2)}, w), Task(LinearSum(w))
@@ -212,6 +255,36 @@ def test_evaluate_agrees_with_the_trainer_test_and_the_record_holds_the_curves(t
     assert acc[2] < acc[0]  # noise of one std on every modality hurts a model that learned the task
     clean = evaluate(objs["task"].model, objs["datamodule"].test_set, "multiclass", 3, 64)
     assert clean["acc"] == pytest.approx(record["metrics"]["test/acc"], abs=1e-6)
+
+
+def test_a_test_limited_run_limits_its_robustness_curves_alike(tmp_path):
+    cfg = compose_cfg(
+        [
+            "dataset=synthetic",
+            "fusion=concat",
+            *FAST,
+            "trainer.max_epochs=1",
+            "+trainer.limit_test_batches=1",
+            "dataset.batch_size=16",
+            "robustness=gaussian",
+            "robustness.levels=[0.0,1.0]",
+            "robustness.batch_size=16",
+        ],
+        output_dir=tmp_path / "run",
+    )
+    _, objs = train(cfg)
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    rob = record["robustness"]
+    assert rob["limit_batches"] == 1
+    # level 0 is the trainer's test: the same first batch of 16 of the 64 test samples
+    assert rob["curves"]["all"]["metrics"]["acc"][0] == pytest.approx(record["metrics"]["test/acc"], abs=1e-6)
+    first = TensorDictDataset(
+        {m: x[:16] for m, x in objs["datamodule"].test_set.inputs.items()},
+        objs["datamodule"].test_set.target[:16],
+    )
+    assert evaluate(objs["task"].model, first, "multiclass", 3, 16)["acc"] == pytest.approx(
+        record["metrics"]["test/acc"], abs=1e-6
+    )
 
 
 def test_robustness_table_from_records(tmp_path):

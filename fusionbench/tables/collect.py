@@ -106,6 +106,11 @@ def collect_runs(roots: Iterable[str | Path]) -> pd.DataFrame:
                 continue
             if record.get("status") != "complete" or record.get("fast_dev_run"):
                 continue
+            if "debug" in (record.get("tags") or []):  # debug=limit: a share of the batches, not a result
+                log.warning(
+                    "%s is a debug run (tag 'debug'); not used. Rerun it without debug=.", path.parent
+                )
+                continue
             attach_robustness(record, path.parent)
             row = flatten(record)
             row["path"] = str(path.parent)
