@@ -71,6 +71,12 @@ class EpochCheckpoint(ModelCheckpoint):
             self._save_last_if_missed(trainer)
             _interrupt_if_asked(trainer)
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning 2.6 writes last.ckpt here even under fast_dev_run, where it skips every other save; that
+        # checkpoint then reads as an unfinished run of another configuration and blocks the folder's real run
+        if not trainer.fast_dev_run:
+            super().on_train_end(trainer, pl_module)
+
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:

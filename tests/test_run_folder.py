@@ -62,6 +62,18 @@ def test_an_unfinished_run_of_another_configuration_is_not_resumed(make_cfg):
         train(wider)
 
 
+def test_a_fast_dev_run_leaves_nothing_to_resume(make_cfg):
+    smoke = make_cfg([*SYN, "debug=fdr"], sub="seed=0")
+    result, _ = train(smoke)
+    folder = Path(smoke.paths.output_dir)
+    assert result["fast_dev_run"] and not (folder / "metrics.json").exists()
+    assert resume_checkpoint(folder) is None and not list(folder.glob("checkpoints/*.ckpt"))
+    real, _ = train(make_cfg([*SYN, "trainer.max_epochs=1"], sub="seed=0"))  # the same folder, no refusal
+    assert (
+        real["status"] == "complete" and real["epochs_trained"] == 1 and (folder / "metrics.json").is_file()
+    )
+
+
 def test_a_second_process_cannot_train_a_locked_folder(make_cfg):
     cfg = make_cfg(SYN, sub="busy")
     with run_lock(Path(cfg.paths.output_dir)):
