@@ -5,9 +5,9 @@ python scripts/gpu_check_table.py results/deq_gpu_check/records.jsonl > results/
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
-import sys
 
 LABELS = {
     "cpu": "`python train.py trainer=cpu`",
@@ -37,4 +37,6 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("records", help="the records.jsonl that scripts/gpu_check_deq.sh writes")
+    main(parser.parse_args().records)
