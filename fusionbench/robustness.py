@@ -258,6 +258,11 @@ def batch_limit(trainer: Mapping[str, Any]) -> int | float | None:
     limit = trainer.get("limit_test_batches")
     if limit is None or (isinstance(limit, float) and limit >= 1.0):
         return None
+    if limit <= 0:
+        raise ConfigError(
+            f"trainer.limit_test_batches={limit} turns the test off, and a robustness grid has nothing to "
+            "evaluate then. Drop `robustness=` or give test batches (e.g. limit_test_batches=1)."
+        )
     return limit
 
 

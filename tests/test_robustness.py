@@ -173,6 +173,12 @@ def test_the_batch_limit_is_the_trainers_test_limit(trainer, limit):
     assert batch_limit(trainer) == limit
 
 
+@pytest.mark.parametrize("off", [0, 0.0])
+def test_a_grid_without_test_batches_is_explained(off):
+    with pytest.raises(ConfigError, match=r"limit_test_batches=0(\.0)? turns the test off"):
+        batch_limit({"limit_test_batches": off})
+
+
 def test_the_debug_configs_limit_the_grid():
     assert batch_limit(compose_cfg(["debug=fdr"]).trainer) == 1
     assert batch_limit(compose_cfg(["debug=limit"]).trainer) == 0.25
