@@ -247,7 +247,6 @@ def modality_stds(dataset: Dataset, modalities: Sequence[str], batch_size: int) 
     return out
 
 
-@torch.no_grad()
 def batch_limit(trainer: Mapping[str, Any]) -> int | float | None:
     """The test-batch limit of a trainer config (Lightning's ``fast_dev_run`` / ``limit_test_batches``),
     which the robustness passes follow so that a debug run stays short: an int is a number of batches, a
@@ -275,6 +274,7 @@ def limited(n_batches: int, limit: int | float | None) -> int:
     return min(n_batches, int(limit))
 
 
+@torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
     dataset: Dataset,

@@ -191,9 +191,8 @@ def test_a_limited_grid_evaluates_the_first_batches_only():
     grid = {"levels": [0.0, 0.5, 1.0], "noise": ["white"], "scopes": ["all", "each"], "batch_size": 8}
     full = run_grid(task, dm, grid)
     assert "limit_batches" not in full
-    head = Frames(
-        {"a": (2,), "b": (3,)}, w, n=40
-    )  # the first 8 / 16 samples: the same seeded noise per index
+    # the first 8 / 16 samples of the same split: the same seeded noise per sample index
+    head = Frames({"a": (2,), "b": (3,)}, w, n=40)
     for limit, n in ((1, 8), (0.5, 16), (0.01, 8)):  # a share keeps at least one batch
         got = run_grid(task, dm, grid, limit)
         head.test_set = TensorDictDataset(
@@ -233,6 +232,15 @@ def test_stock_noise_is_applied_before_quantisation(tmp_path):
     values = torch.cat([noisy["inputs"][m] for m in dm.modalities]).unique()
     assert len(values) <= 6  # noisy returns, then the window's 5-step quantisation: at most 6 distinct values
     assert not torch.equal(noisy["inputs"][dm.modalities[0]], dm.test_set[0]["inputs"][dm.modalities[0]])
+
+
+def test_evaluation_builds_no_autograd_graph():
+    w = {"a": torch.tensor([1.0, 2.0])}
+    model = LinearSum(w)
+    seen = []
+    model.register_forward_hook(lambda mod, args, out: seen.append(out.logits.requires_grad))
+    evaluate(model, Frames({"a": (2,)}, w, n=16).test_set, "regression", 1, 8)
+    assert seen == [False, False]
 
 
 def test_evaluate_agrees_with_the_trainer_test_and_the_record_holds_the_curves(tmp_path):
