@@ -33,6 +33,7 @@ from fusionbench.tables.robustness import (
     robustness_markdown,
     robustness_rows,
 )
+from fusionbench.tables.runs import run_rows, runs_csv, runs_markdown
 from fusionbench.tables.tradeoff import check_tradeoff, tradeoff_figure
 
 DASH = "—"
@@ -59,7 +60,7 @@ class TableSpec:
     title: str
     rows: list[dict[str, Any]]
     metrics: list[Metric] = field(default_factory=list)
-    kind: str = "metrics"  # or "convergence", "curve", "robustness" (tables/<kind>.py)
+    kind: str = "metrics"  # or "convergence", "curve", "robustness", "runs" (tables/<kind>.py)
     steps: list[int] = field(default_factory=lambda: [1, 10, 20, 40, 100])
     trace: str = "solver_rel_residual"
     seeds: int = 5
@@ -97,9 +98,15 @@ class TableSpec:
             if isinstance(row.get("baseline"), dict):
                 row["baseline"] = row["baseline"]["experiment"]
         kind = raw.get("kind", "metrics")
-        if kind not in ("metrics", "convergence", "curve", "robustness"):
+        if kind not in ("metrics", "convergence", "curve", "robustness", "runs"):
             raise ValueError(
-                f"{path}: kind must be 'metrics', 'convergence', 'curve' or 'robustness', got {kind!r}"
+                f"{path}: kind must be 'metrics', 'convergence', 'curve', 'robustness' or 'runs', "
+                f"got {kind!r}"
+            )
+        if kind == "runs" and (not raw["metrics"] or any(row.get("reported") for row in raw["rows"])):
+            raise ValueError(
+                f"{path}: a runs table needs `metrics` (the first is the one `baseline` rows pair) and has "
+                "no `reported` numbers (a paper reports means: put them in the table of means)"
             )
         if kind == "robustness" and not (raw.get("robust_metric") and raw.get("baseline")):
             raise ValueError(
@@ -342,7 +349,7 @@ def build_tables(
     only: Sequence[str] | None = None,
 ) -> dict[str, str]:
     """Write every table's files (.md/.csv/.tex, plus .png with a `tradeoff` block; convergence tables .md and
-    .png; curve and robustness tables .md/.csv/.png);
+    .png; curve and robustness tables .md/.csv/.png; runs tables .md/.csv);
     return name -> markdown."""
     out_dir, root = Path(out_dir), Path(root)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -366,6 +373,13 @@ def build_tables(
             (out_dir / f"{spec.name}.md").write_text(md)
             (out_dir / f"{spec.name}.csv").write_text(robustness_csv(spec, rows, grid))
             robustness_figure(spec, rows, grid, out_dir)
+            rendered[spec.name] = md
+            continue
+        if spec.kind == "runs":
+            rows = run_rows(spec, runs)
+            md = runs_markdown(spec, rows)
+            (out_dir / f"{spec.name}.md").write_text(md)
+            (out_dir / f"{spec.name}.csv").write_text(runs_csv(spec, rows))
             rendered[spec.name] = md
             continue
         if spec.kind == "convergence":
