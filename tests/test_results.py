@@ -323,32 +323,43 @@ metrics:
 rows:
   - {label: Base, experiment: r_base}
   - {label: Pro, experiment: r_pro, baseline: r_base}
+  - {label: Last, experiment: r_last}
 """
 
 
 def test_runs_table_lists_every_seed_with_its_epoch_and_the_paired_difference(tmp_path):
     """`kind: runs`: a line per expected seed (missing ones kept, with the command that makes them), the
-    selected epoch counted from 1, and Δ of the first metric against the base run of the same seed only."""
+    tested epoch counted from 1 (from the checkpoint's name where validation chose none), and Δ of the first
+    metric against the base run of the same seed only."""
     (tmp_path / "tables").mkdir()
     (tmp_path / "tables" / "per_seed.yaml").write_text(RUNS_TABLE)
     for seed, acc in enumerate([0.70, 0.80, 0.90]):
         write_run(tmp_path, "r_base", seed, acc, best_val={"epoch": seed}, epochs_trained=4)
     write_run(tmp_path, "r_pro", 0, 0.75, best_val={"epoch": 3}, epochs_trained=4, metrics={"test/acc": 0.75})
     write_run(tmp_path, "r_pro", 2, 0.85, epochs_trained=4, metrics={"test/acc": 0.85, "test/f1": 0.5})
+    write_run(tmp_path, "r_last", 0, 0.6, epochs_trained=3, test_checkpoint="epoch002.ckpt")  # monitor: null
     write_run(tmp_path, "r_pro", 3, 0.99)  # beyond `seeds`: not shown
     md = build_tables(tmp_path / "tables", tmp_path / "out", tmp_path)["per_seed"]
     lines = md.splitlines()
-    assert "| Method | seed | Acc | F1 | Δ Acc vs base, same seed | selected epoch | s/run |" in lines
+    assert "| Method | seed | Acc | F1 | Δ Acc vs base, same seed | tested epoch | s/run |" in lines
     assert "| Base | 1 | 80.0 | — | — | 2 of 4 | 2 |" in lines
     assert "| Pro | 0 | 75.0 | — | +5.0 | 4 of 4 | 2 |" in lines  # 75 - 70, not 75 - mean(base)
     assert "| Pro | 1 | — | — | — | — | — |" in lines  # no run: kept as a line
     assert "| Pro | 2 | 85.0 | 0.50 | -5.0 | — | 2 |" in lines  # 85 - 90; no best_val in the record
+    assert "| Last | 0 | 60.0 | — | — | 3 of 3, no selection | 2 |" in lines
     assert not any(line.startswith("| Pro | 3 ") for line in lines)
-    assert "Seeds without a run: `python train.py experiment=r_pro sweep=seeds seed=1`" in md
+    assert (
+        "Seeds without a run: `python train.py experiment=r_pro sweep=seeds seed=1`; "
+        "`python train.py experiment=r_last sweep=seeds seed=1,2`"
+    ) in md
     assert "Δ: the row's Acc minus its base run's at the same seed (Pro − Base)." in lines
     csv = (tmp_path / "out" / "per_seed.csv").read_text().splitlines()
-    assert csv[0] == "label,experiment,seed,test/acc,test/f1,delta,best_epoch,epochs_trained,wall_time_s"
-    assert csv[4] == "Pro,r_pro,0,0.75,,0.05,4,4,2"
+    assert (
+        csv[0]
+        == "label,experiment,seed,test/acc,test/f1,delta,tested_epoch,selected,epochs_trained,wall_time_s"
+    )
+    assert csv[4] == "Pro,r_pro,0,0.75,,0.05,4,1,4,2"
+    assert csv[7] == "Last,r_last,0,0.6,,,3,0,3,2"
     assert not (tmp_path / "out" / "per_seed.tex").exists()
 
 

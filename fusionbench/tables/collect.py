@@ -33,6 +33,7 @@ def flatten(record: dict[str, Any]) -> dict[str, Any]:
     best = record.get("best_val") or {}
     row["best_val"] = best.get("value")
     row["best_epoch"] = best.get("epoch")
+    row["test_checkpoint"] = record.get("test_checkpoint")  # epoch<k>.ckpt, last.ckpt or "final weights"
     row["wall_time_s"] = record.get("wall_time_s")
     row["epochs_trained"] = record.get("epochs_trained")
     row["params"] = (record.get("params") or {}).get("total")

@@ -1,9 +1,10 @@
 """Run-by-run tables (``kind: runs``): one line per row and expected seed instead of a mean.
 
 For rows whose seeds disagree more than a mean ± std can say (a model that learns a constant at some
-seeds and not at others): each seed's metrics, the epoch its tested checkpoint is from (``k of n``, from
-the record's ``best_val``) and its wall time. A row with ``baseline: <experiment>`` adds the difference of
-the first metric to that experiment's run of the same seed (Pro-Fusion minus its base, paired). A seed
+seeds and not at others): each seed's metrics, the epoch its tested checkpoint is from (``k of n``: the
+record's ``best_val``, or the checkpoint's name where the recipe tests its last epoch) and its wall time.
+A row with ``baseline: <experiment>`` adds the difference of the first metric to that experiment's run of
+the same seed (Pro-Fusion minus its base, paired). A seed
 without a run keeps its line, with dashes and the command that makes it.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -44,13 +46,15 @@ def run_rows(spec: TableSpec, runs: pd.DataFrame) -> list[dict[str, Any]]:
     for row in spec.rows:
         for seed in range(spec.seeds):
             sel = _run(runs, row["experiment"], seed)
+            tested, selected = _tested_epoch(sel)
             entry: dict[str, Any] = {
                 "label": row["label"],
                 "experiment": row["experiment"],
                 "seed": seed,
                 "found": bool(len(sel)),
                 "values": {m.key: _value(sel, m.key) for m in spec.metrics},
-                "best_epoch": _value(sel, "best_epoch"),
+                "tested_epoch": tested,
+                "selected": selected,
                 "epochs_trained": _value(sel, "epochs_trained"),
                 "wall_time_s": _value(sel, "wall_time_s"),
                 "delta": None,
@@ -62,11 +66,24 @@ def run_rows(spec: TableSpec, runs: pd.DataFrame) -> list[dict[str, Any]]:
     return out
 
 
+def _tested_epoch(sel: pd.DataFrame) -> tuple[float | None, bool]:
+    """(epoch of the tested checkpoint counted from 0, whether validation chose it): the record's
+    ``best_val``, else the checkpoint's file name (a recipe that tests its last epoch selects nothing)."""
+    best = _value(sel, "best_epoch")
+    if best is not None:
+        return best, True
+    name = str(sel["test_checkpoint"].iloc[0]) if len(sel) and "test_checkpoint" in sel else ""
+    match = re.fullmatch(r"epoch(\d+)\.ckpt", name)
+    return (float(match.group(1)), False) if match else (None, False)
+
+
 def _epoch(r: dict[str, Any]) -> str:
-    if r["best_epoch"] is None:
+    if r["tested_epoch"] is None:
         return DASH
-    selected = f"{int(r['best_epoch']) + 1}"  # records count epochs from 0
-    return selected if r["epochs_trained"] is None else f"{selected} of {int(r['epochs_trained'])}"
+    tested = f"{int(r['tested_epoch']) + 1}"  # records count epochs from 0
+    if r["epochs_trained"] is not None:
+        tested += f" of {int(r['epochs_trained'])}"
+    return tested if r["selected"] else f"{tested}, no selection"
 
 
 def _fmt(value: float | None, digits: int, scale: float = 1.0, sign: bool = False) -> str:
@@ -81,7 +98,7 @@ def runs_markdown(spec: TableSpec, rows: list[dict[str, Any]]) -> str:
     head = ["Method", "seed"] + [m.label for m in spec.metrics]
     if paired:
         head.append(f"Δ {first.label} vs base, same seed")
-    head += ["selected epoch", "s/run"]
+    head += ["tested epoch", "s/run"]
     lines = [f"### {spec.title}", ""]
     if spec.caption:
         lines += [spec.caption.strip(), ""]
@@ -94,8 +111,8 @@ def runs_markdown(spec: TableSpec, rows: list[dict[str, Any]]) -> str:
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     lines.append("")
     lines.append(
-        "One line per seed; selected epoch: the epoch of the tested checkpoint (chosen on validation), of "
-        "the epochs trained."
+        "One line per seed; tested epoch: the epoch of the tested checkpoint, of the epochs trained, chosen "
+        "on validation unless marked 'no selection' (a recipe that tests its last epoch)."
     )
     if paired:
         names = {row["experiment"]: row["label"] for row in spec.rows}
@@ -126,10 +143,23 @@ def runs_csv(spec: TableSpec, rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     keys = [m.key for m in spec.metrics]
-    w.writerow(["label", "experiment", "seed", *keys, "delta", "best_epoch", "epochs_trained", "wall_time_s"])
+    w.writerow(
+        [
+            "label",
+            "experiment",
+            "seed",
+            *keys,
+            "delta",
+            "tested_epoch",
+            "selected",
+            "epochs_trained",
+            "wall_time_s",
+        ]
+    )
     for r in rows:
         values = [r["values"][m.key] for m in spec.metrics]
-        extra = [r["delta"], None if r["best_epoch"] is None else r["best_epoch"] + 1, r["epochs_trained"]]
+        tested = None if r["tested_epoch"] is None else r["tested_epoch"] + 1
+        extra = [r["delta"], tested, float(r["selected"]) if r["found"] else None, r["epochs_trained"]]
         w.writerow(
             [r["label"], r["experiment"], r["seed"]]
             + ["" if v is None else f"{v:.6g}" for v in (*values, *extra, r["wall_time_s"])]
