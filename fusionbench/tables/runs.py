@@ -4,8 +4,8 @@ For rows whose seeds disagree more than a mean ± std can say (a model that lear
 seeds and not at others): each seed's metrics, the epoch its tested checkpoint is from (``k of n``: the
 record's ``best_val``, or the checkpoint's name where the recipe tests its last epoch) and its wall time.
 A row with ``baseline: <experiment>`` adds the difference of the first metric to that experiment's run of
-the same seed (Pro-Fusion minus its base, paired). A seed
-without a run keeps its line, with dashes and the command that makes it.
+the same seed (Pro-Fusion minus its base, paired). A seed without a run keeps its line, with dashes and
+the command that makes it.
 """
 
 from __future__ import annotations
