@@ -275,7 +275,8 @@ def test_every_experiment_composes_names_itself_and_is_one_configuration():
 
 
 def test_every_table_row_names_an_experiment():
-    """References (rows without overrides) point at a declared row or a recipe file, curve points included."""
+    """References (rows without overrides) point at a declared row or a recipe file, curve points and the
+    paired baselines of runs tables included."""
     from fusionbench.tables.build import TableSpec
 
     known = set(rows()) | {p.stem for p in (CONFIGS / "experiment").glob("*.yaml")}
@@ -303,6 +304,8 @@ def test_every_table_row_names_an_experiment():
                 ]
                 if x is not None and spec.improvement:
                     names.append(row["baseline"].format(x=x))
+                if spec.kind == "runs" and row.get("baseline"):  # the run each seed is paired with
+                    names.append(row["baseline"])
                 for name in names:
                     assert name in known, (
                         f"{path.name}: row {row['label']!r} names {name!r}, which nothing declares"
