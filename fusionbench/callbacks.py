@@ -102,19 +102,62 @@ class EpochCheckpoint(ModelCheckpoint):
 
 
 class EpochLog(pl.Callback):
-    """One line per epoch in the run's log (``train.log`` beside the record): the epoch's logged metrics, so a
-    run sent to a file (as on SLURM, without a progress bar) shows its progress."""
+    """The run's training curves: one line per epoch in its log (``train.log`` beside the record, so a run
+    sent to a file, as on SLURM without a progress bar, shows its progress) and the record's ``history``,
+    one entry per epoch with every epoch-level ``train/`` and ``val/`` metric.
+
+    Lightning computes an epoch's training means after its validation, so each entry is filled twice: the
+    ``val/`` values when validation ends, the ``train/`` values when the epoch ends, and the line is logged
+    then. The history travels in the checkpoints, which Lightning writes when the epoch ends, after this
+    callback (checkpoint callbacks run last), so a resumed run's history is an uninterrupted one's. Where
+    checkpoints are written when validation ends instead (validation more than once an epoch, or not every
+    epoch), a run killed after one has no ``train/`` values for that epoch (Lightning never computed them),
+    and its entry says ``"resumed": true``."""
 
     def __init__(self, keys: tuple[str, ...] = ("train/loss", "val/loss")) -> None:
         self.keys = tuple(keys)
+        self.history: list[dict[str, Any]] = []
+
+    def _entry(self, epoch: int) -> dict[str, Any]:
+        if not self.history or self.history[-1]["epoch"] != epoch:
+            self.history.append({"epoch": epoch})
+        return self.history[-1]
+
+    @staticmethod
+    def _epoch_metrics(trainer: pl.Trainer, prefix: str) -> dict[str, float]:
+        out = {}
+        for key, value in trainer.callback_metrics.items():
+            if key.startswith(prefix) and not key.endswith("_step"):
+                try:
+                    out[key] = float(value)
+                except (TypeError, ValueError):  # a non-scalar logged value: not a curve
+                    continue
+        return out
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        if not trainer.sanity_checking:
+            self._entry(trainer.current_epoch).update(self._epoch_metrics(trainer, "val/"))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        entry = self._entry(trainer.current_epoch)
+        entry.update(self._epoch_metrics(trainer, "train/"))
+        if not trainer.is_global_zero:
             return
-        metrics = trainer.callback_metrics
         monitor = getattr(trainer.checkpoint_callback, "monitor", None)
-        shown = [k for k in (*self.keys, monitor) if k and k in metrics]
-        values = ", ".join(f"{k}={float(metrics[k]):.4g}" for k in dict.fromkeys(shown))
+        shown = [k for k in (*self.keys, monitor) if k and k in entry]
+        values = ", ".join(f"{k}={entry[k]:.4g}" for k in dict.fromkeys(shown))
         log.info(
             "epoch %d/%s: %s", trainer.current_epoch, trainer.max_epochs, values or "(no metrics logged)"
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [dict(entry) for entry in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(entry) for entry in state_dict.get("history", [])]
+        for entry in self.history:  # the epochs whose training means the interrupted attempt never computed
+            if not any(k.startswith("train/") for k in entry):
+                entry["resumed"] = True
+
+    def record(self, **_: Any) -> dict[str, Any]:
+        return {"history": self.history} if self.history else {}

@@ -1,4 +1,5 @@
-"""Logger pieces: a CSV logger that keeps a resumed run's history, and the hyper-parameters every logger gets.
+"""Logger pieces: a CSV logger that keeps a resumed run's history, the training curves read back from its
+file, and the hyper-parameters every logger gets.
 
 Lightning's CSV logger deletes ``metrics.csv`` when its folder exists, so a run killed and resumed kept only
 the epochs after the restart; `CSVLogger` appends instead (rows of epochs replayed after the last checkpoint
@@ -57,6 +58,23 @@ class CSVLogger(_CSVLogger):
             os.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+def history_from_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The per-epoch ``train/`` and ``val/`` metrics of a CSV log (``csv/metrics.csv``) in the form of the
+    record's ``history`` (`fusionbench.callbacks.EpochLog`): one entry per epoch, in order. Lightning writes
+    an epoch's validation and training means on separate rows; a resumed run's replayed epochs appear twice,
+    and the later rows (the attempt that finished) win."""
+    entries: dict[int, dict[str, Any]] = {}
+    with open(path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            if not row.get("epoch"):
+                continue
+            epoch = int(float(row["epoch"]))
+            for key, value in row.items():
+                if key and key.startswith(("train/", "val/")) and not key.endswith("_step") and value:
+                    entries.setdefault(epoch, {"epoch": epoch})[key] = float(value)
+    return [entries[epoch] for epoch in sorted(entries)]
 
 
 def run_hparams(cfg: DictConfig, record_facts: dict[str, Any]) -> dict[str, Any]:

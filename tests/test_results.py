@@ -363,6 +363,43 @@ def test_runs_table_lists_every_seed_with_its_epoch_and_the_paired_difference(tm
     assert not (tmp_path / "out" / "per_seed.tex").exists()
 
 
+def test_runs_table_history_columns_show_every_epoch_from_the_record_or_its_csv_readback(tmp_path):
+    """`history: [train/loss]`: the value after each epoch from the record's own history; a history.json
+    (read back from an older run's CSV log) stands in only for a record without one; '?' marks an epoch
+    without the value, a dash a run without any history."""
+    (tmp_path / "tables").mkdir()
+    spec = RUNS_TABLE.replace("rows:", "history: [train/loss]\nrows:")
+    (tmp_path / "tables" / "per_seed.yaml").write_text(spec)
+    own = [{"epoch": 0, "train/loss": 1.0, "val/loss": 0.9}, {"epoch": 1, "train/loss": 0.5}]
+    write_run(tmp_path, "r_base", 0, 0.7, history=own, epochs_trained=2)
+    resumed = [{"epoch": 0, "train/loss": 1.25}, {"epoch": 1, "val/loss": 0.8, "resumed": True}]
+    write_run(tmp_path, "r_base", 1, 0.7, history=resumed, epochs_trained=2)
+    old = write_run(tmp_path, "r_base", 2, 0.7, epochs_trained=1)
+    (old / "history.json").write_text(json.dumps({"history": [{"epoch": 0, "train/loss": 0.25}]}))
+    both = write_run(tmp_path, "r_pro", 0, 0.7, history=[{"epoch": 0, "train/loss": 2.0}], epochs_trained=1)
+    (both / "history.json").write_text(json.dumps({"history": [{"epoch": 0, "train/loss": 9.0}]}))
+    write_run(tmp_path, "r_last", 0, 0.6, epochs_trained=1)  # neither
+    md = build_tables(tmp_path / "tables", tmp_path / "out", tmp_path)["per_seed"]
+    lines = md.splitlines()
+    assert (
+        "| Method | seed | Acc | F1 | Δ Acc vs base, same seed | train/loss by epoch | tested epoch | s/run |"
+        in lines
+    )
+    assert "| Base | 0 | 70.0 | — | — | 1.000, 0.500 | — | 2 |" in lines
+    assert "| Base | 1 | 70.0 | — | — | 1.250, ? | — | 2 |" in lines
+    assert "| Base | 2 | 70.0 | — | — | 0.250 | — | 2 |" in lines
+    assert "| Pro | 0 | 70.0 | — | +0.0 | 2.000 | — | 2 |" in lines  # the record's own history wins
+    assert "| Last | 0 | 60.0 | — | — | — | — | 2 |" in lines
+    assert "train/loss by epoch: the run's epoch means after epochs 1, 2, ..." in md
+    csv = (tmp_path / "out" / "per_seed.csv").read_text().splitlines()
+    assert csv[0].split(",")[5] == "train/loss by epoch" and csv[1].split(",")[5] == "1;0.5"
+    assert csv[2].split(",")[5] == "1.25;?"
+    bad = RUNS_TABLE.replace("kind: runs", "kind: metrics").replace("rows:", "history: [train/loss]\nrows:")
+    (tmp_path / "bad.yaml").write_text(bad)
+    with pytest.raises(ValueError, match="`history` columns belong to runs tables"):
+        TableSpec.load(tmp_path / "bad.yaml")
+
+
 def test_runs_table_rejects_reported_numbers(tmp_path):
     bad = RUNS_TABLE.replace("experiment: r_base}", "experiment: r_base, reported: {test/acc: 0.8}}")
     (tmp_path / "bad.yaml").write_text(bad)

@@ -81,6 +81,7 @@ class TableSpec:
     tradeoff: dict = field(
         default_factory=dict
     )  # metrics tables: metric-vs-compute and share-vs-λ figure (tables/tradeoff.py)
+    history: list[str] = field(default_factory=list)  # runs tables: keys of the records' per-epoch history
     recipe: str = ""  # the rows' default recipe (fusionbench/experiments.py declares the rows as experiments)
 
     @classmethod
@@ -108,6 +109,8 @@ class TableSpec:
                 f"{path}: a runs table needs `metrics` (the first is the one `baseline` rows pair) and has "
                 "no `reported` numbers (a paper reports means: put them in the table of means)"
             )
+        if raw.get("history") and kind != "runs":
+            raise ValueError(f"{path}: `history` columns belong to runs tables, not kind {kind!r}")
         if kind == "robustness" and not (raw.get("robust_metric") and raw.get("baseline")):
             raise ValueError(
                 f"{path}: a robustness table needs `robust_metric` (e.g. mse) "

@@ -2,7 +2,9 @@
 
 A run folder's ``robustness.json`` (curves of the tested checkpoint measured after training,
 ``scripts/eval_robustness.py``) supplies the record's curves when training measured none
-(`attach_robustness`).
+(`attach_robustness`); its ``history.json`` (the training curves read back from the run's CSV log,
+``scripts/history_from_csv.py``) supplies the record's ``history`` for runs older than
+`fusionbench.callbacks.EpochLog`'s (`attach_history`).
 
 Only finished runs count: a folder without a record, with a record whose status is not
 ``complete``, or from a fast dev run is skipped. One row per (experiment, seed): if two folders
@@ -24,6 +26,7 @@ from fusionbench.records import RECORD_NAME
 log = logging.getLogger(__name__)
 
 ROBUSTNESS_NAME = "robustness.json"  # scripts/eval_robustness.py
+HISTORY_NAME = "history.json"  # scripts/history_from_csv.py
 
 
 def flatten(record: dict[str, Any]) -> dict[str, Any]:
@@ -42,6 +45,7 @@ def flatten(record: dict[str, Any]) -> dict[str, Any]:
         "madds"
     )  # multiply-adds per sample at batch 1 (fusionbench.compute)
     row["robustness"] = record.get("robustness")  # noise curves (robustness tables), or None
+    row["history"] = record.get("history")  # per-epoch train/ and val/ metrics (EpochLog), or None
     row["deq_test_converged"] = deq_test_converged(record)
     for batch, ms in (
         (record.get("dynmm_timing") or {}).get("ms_per_sample") or {}
@@ -93,6 +97,18 @@ def attach_robustness(record: dict[str, Any], folder: Path) -> None:
         )
 
 
+def attach_history(record: dict[str, Any], folder: Path) -> None:
+    """A ``history.json`` read back from the run's own CSV log supplies the training curves of a record
+    written before records carried them; a record's own ``history`` always wins."""
+    path = folder / HISTORY_NAME
+    if record.get("history") or not path.is_file():
+        return
+    try:
+        record["history"] = json.loads(path.read_text())["history"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("Skipping unreadable training history %s: %s", path, e)
+
+
 def collect_runs(roots: Iterable[str | Path]) -> pd.DataFrame:
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     for root in roots:
@@ -113,6 +129,7 @@ def collect_runs(roots: Iterable[str | Path]) -> pd.DataFrame:
                 )
                 continue
             attach_robustness(record, path.parent)
+            attach_history(record, path.parent)
             row = flatten(record)
             row["path"] = str(path.parent)
             key = (row["experiment_name"], row["seed"])

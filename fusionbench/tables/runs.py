@@ -4,8 +4,10 @@ For rows whose seeds disagree more than a mean ± std can say (a model that lear
 seeds and not at others): each seed's metrics, the epoch its tested checkpoint is from (``k of n``: the
 record's ``best_val``, or the checkpoint's name where the recipe tests its last epoch) and its wall time.
 A row with ``baseline: <experiment>`` adds the difference of the first metric to that experiment's run of
-the same seed (Pro-Fusion minus its base, paired). A seed without a run keeps its line, with dashes and
-the command that makes it.
+the same seed (Pro-Fusion minus its base, paired). ``history: [train/loss]`` adds a column per key with the
+run's value after every epoch (the record's ``history``, `fusionbench.callbacks.EpochLog`), so a run that
+never fits its training set shows it. A seed without a run keeps its line, with dashes and the command
+that makes it.
 """
 
 from __future__ import annotations
@@ -58,12 +60,23 @@ def run_rows(spec: TableSpec, runs: pd.DataFrame) -> list[dict[str, Any]]:
                 "epochs_trained": _value(sel, "epochs_trained"),
                 "wall_time_s": _value(sel, "wall_time_s"),
                 "delta": None,
+                "history": {key: _history(sel, key) for key in spec.history},
             }
             if row.get("baseline") and entry["values"][first] is not None:
                 base = _value(_run(runs, row["baseline"], seed), first)
                 entry["delta"] = None if base is None else entry["values"][first] - base
             out.append(entry)
     return out
+
+
+def _history(sel: pd.DataFrame, key: str) -> list[float | None] | None:
+    """``key``'s value after every epoch of the run (None for an epoch without it), or None: no history."""
+    if not len(sel) or "history" not in sel:
+        return None
+    history = sel["history"].iloc[0]
+    if not isinstance(history, list) or not history:
+        return None
+    return [None if entry.get(key) is None else float(entry[key]) for entry in history]
 
 
 def _tested_epoch(sel: pd.DataFrame) -> tuple[float | None, bool]:
@@ -86,6 +99,12 @@ def _epoch(r: dict[str, Any]) -> str:
     return tested if r["selected"] else f"{tested}, no selection"
 
 
+def _curve(values: list[float | None] | None, sep: str = ", ", spec: str = ".3f") -> str:
+    if not values:
+        return DASH
+    return sep.join("?" if v is None else f"{v:{spec}}" for v in values)
+
+
 def _fmt(value: float | None, digits: int, scale: float = 1.0, sign: bool = False) -> str:
     if value is None or not math.isfinite(value):
         return DASH
@@ -98,6 +117,7 @@ def runs_markdown(spec: TableSpec, rows: list[dict[str, Any]]) -> str:
     head = ["Method", "seed"] + [m.label for m in spec.metrics]
     if paired:
         head.append(f"Δ {first.label} vs base, same seed")
+    head += [f"{key} by epoch" for key in spec.history]
     head += ["tested epoch", "s/run"]
     lines = [f"### {spec.title}", ""]
     if spec.caption:
@@ -107,6 +127,7 @@ def runs_markdown(spec: TableSpec, rows: list[dict[str, Any]]) -> str:
         cells = [r["label"], str(r["seed"])] + [m.fmt(r["values"][m.key]) for m in spec.metrics]
         if paired:
             cells.append(_fmt(r["delta"], first.digits, first.scale, sign=True))
+        cells += [_curve(r["history"][key]) for key in spec.history]
         cells += [_epoch(r), _fmt(r["wall_time_s"], 0)]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     lines.append("")
@@ -114,6 +135,13 @@ def runs_markdown(spec: TableSpec, rows: list[dict[str, Any]]) -> str:
         "One line per seed; tested epoch: the epoch of the tested checkpoint, of the epochs trained, chosen "
         "on validation unless marked 'no selection' (a recipe that tests its last epoch)."
     )
+    if spec.history:
+        lines.append(
+            f"{', '.join(spec.history)} by epoch: the run's epoch means after epochs 1, 2, ... (its record's "
+            "history, or history.json read back from its CSV log by scripts/history_from_csv.py); '?': an "
+            "epoch without the value (a resumed run's interrupted epoch); dash: a run recorded without "
+            "history."
+        )
     if paired:
         names = {row["experiment"]: row["label"] for row in spec.rows}
         bases = [
@@ -149,6 +177,7 @@ def runs_csv(spec: TableSpec, rows: list[dict[str, Any]]) -> str:
             "experiment",
             "seed",
             *keys,
+            *(f"{key} by epoch" for key in spec.history),
             "delta",
             "tested_epoch",
             "selected",
@@ -160,8 +189,14 @@ def runs_csv(spec: TableSpec, rows: list[dict[str, Any]]) -> str:
         values = [r["values"][m.key] for m in spec.metrics]
         tested = None if r["tested_epoch"] is None else r["tested_epoch"] + 1
         extra = [r["delta"], tested, float(r["selected"]) if r["found"] else None, r["epochs_trained"]]
+        curves = [
+            "" if not r["history"][key] else _curve(r["history"][key], sep=";", spec=".6g")
+            for key in spec.history
+        ]
         w.writerow(
             [r["label"], r["experiment"], r["seed"]]
-            + ["" if v is None else f"{v:.6g}" for v in (*values, *extra, r["wall_time_s"])]
+            + ["" if v is None else f"{v:.6g}" for v in values]
+            + curves
+            + ["" if v is None else f"{v:.6g}" for v in (*extra, r["wall_time_s"])]
         )
     return buf.getvalue()
