@@ -270,6 +270,19 @@ def load_tested(task: FusionTask, test_ckpt: str | None) -> None:
         task.load_state_dict(torch.load(test_ckpt, map_location="cpu", weights_only=False)["state_dict"])
 
 
+def recover_callback_states(trainer: pl.Trainer, callbacks: list[Any], last_ckpt: Path) -> None:
+    """Under ddp_spawn the ranks train in other processes, so this process's callbacks saw no epoch; the
+    states of those that add record entries (`EpochLog`'s history, `DEQMonitor`'s solver statistics) come
+    back from ``last.ckpt``, which rank 0 wrote at the end of the last epoch."""
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if getattr(launcher, "_start_method", None) != "spawn" or not last_ckpt.is_file():
+        return
+    states = torch.load(last_ckpt, map_location="cpu", weights_only=False).get("callbacks") or {}
+    for callback in callbacks:
+        if hasattr(callback, "record") and callback.state_key in states:
+            callback.load_state_dict(states[callback.state_key])
+
+
 def robustness_curves(cfg: DictConfig, dm: FusionDataModule, task: FusionTask) -> dict[str, Any]:
     """The test split under the `robustness` grid (``task`` holds the tested weights), as few batches per
     point as the trainer's test (``debug=fdr``: one)."""
@@ -335,6 +348,7 @@ def _run(
 
     if cfg.train:
         trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
+        recover_callback_states(trainer, callbacks, Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         test_ckpt = best or None  # no checkpointing (debug, callbacks=none): the final weights
     else:

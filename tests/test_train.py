@@ -214,6 +214,11 @@ def test_ddp_sim_trains_on_two_processes(make_cfg):
         and math.isfinite(best["value"])
         and best["epoch"] in (0, 1)
     )
+    # so do the training curves, which this process's EpochLog never saw
+    assert [e["epoch"] for e in result["history"]] == [0, 1]
+    assert all({"train/loss", "val/loss"} <= set(e) and "resumed" not in e for e in result["history"])
+    assert result["history"][best["epoch"]][best["metric"]] == pytest.approx(best["value"])
+    assert [e["epoch"] for e in result["deq_solver"]["epochs"]] == [0, 1]  # DEQMonitor's, the same way
 
 
 def test_ddp_sim_trains_profusion_around_mfas(make_cfg):
