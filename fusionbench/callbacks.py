@@ -154,6 +154,8 @@ class EpochLog(pl.Callback):
         return {"history": [dict(entry) for entry in self.history]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.history:  # testing the selected checkpoint after fit: its history stops at its epoch
+            return
         self.history = [dict(entry) for entry in state_dict.get("history", [])]
         for entry in self.history:  # the epochs whose training means the interrupted attempt never computed
             if not any(k.startswith("train/") for k in entry):

@@ -5,8 +5,9 @@ committed; the history is, so a claim about a run's training loss can be checked
 
     python scripts/history_from_csv.py results/runs/pro_t4_*_eftransf_*/seed=*
 
-A folder without a finished record or a CSV log, whose record has its own history, or whose log does not
-cover every epoch the record trained, is reported and skipped.
+A folder without a finished record or a CSV log, whose record has its own complete history, or whose log
+does not cover every epoch the record trained, is reported and skipped. (Records written by dc1eea0..f03932d
+kept only the epochs up to the tested checkpoint's; their CSV log completes them.)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from fusionbench.loggers import history_from_csv
 from fusionbench.records import RECORD_NAME, write_json
-from fusionbench.tables.collect import HISTORY_NAME
+from fusionbench.tables.collect import HISTORY_NAME, history_complete
 
 CSV_LOG = Path("csv") / "metrics.csv"
 
@@ -31,7 +32,7 @@ def backfill(run: Path) -> str:
     record = json.loads(record_path.read_text())
     if record.get("status") != "complete":
         return f"skipped: record status {record.get('status')!r}"
-    if record.get("history"):
+    if history_complete(record):
         return "skipped: the record has its own history"
     history = history_from_csv(log_path)
     epochs = [entry["epoch"] for entry in history]

@@ -56,6 +56,12 @@ def test_an_epoch_checkpointed_before_its_training_means_is_marked_resumed():
         ]
     }
     assert EpochLog().record() == {}  # an evaluation-only run trains no epoch
+    # testing the selected checkpoint after fit restores its callback states: the history stays whole
+    whole = [{"epoch": e, "train/loss": 1.0 - e / 10} for e in range(4)]
+    log = EpochLog()
+    log.history = [dict(e) for e in whole]
+    log.load_state_dict({"history": whole[:2]})
+    assert log.record() == {"history": whole}
 
 
 CSV_LOG = """epoch,step,train/loss,val/loss,train/acc_step,test/loss
@@ -98,11 +104,12 @@ def test_backfill_writes_history_json_that_tables_read_and_skips_what_it_cannot_
 
     old = run("old", {"epochs_trained": 2})
     short = run("short", {"epochs_trained": 3})  # the log lacks an epoch the record trained
-    own = run("own", {"epochs_trained": 2, "history": [{"epoch": 0, "train/loss": 2.0}]})
+    own = run("own", {"epochs_trained": 1, "history": [{"epoch": 0, "train/loss": 2.0}]})
+    cut = run("cut", {"epochs_trained": 2, "history": [{"epoch": 0, "train/loss": 3.0}]})  # lost epoch 1
     nolog = run("nolog", {"epochs_trained": 2}, log=None)
-    assert script.main([str(p) for p in (old, short, own, nolog)]) == 0
+    assert script.main([str(p) for p in (old, short, own, nolog, cut)]) == 0
     out = capsys.readouterr().out
-    assert "wrote history.json (2 epochs)" in out and "1 of 4 run(s) given a history" in out
+    assert "wrote history.json (2 epochs)" in out and "2 of 5 run(s) given a history" in out
     assert "the log has epochs [0, 1], the record trained 3" in out
     assert "the record has its own history" in out and "no csv/metrics.csv" in out
     written = json.loads((old / "history.json").read_text())
@@ -112,3 +119,4 @@ def test_backfill_writes_history_json_that_tables_read_and_skips_what_it_cannot_
     assert runs.loc["old", "history"] == written["history"]
     assert runs.loc["own", "history"] == [{"epoch": 0, "train/loss": 2.0}]
     assert runs.loc["short", "history"] is None
+    assert runs.loc["cut", "history"] == written["history"]  # a record that lost epochs: the log completes it

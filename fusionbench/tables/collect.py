@@ -99,14 +99,23 @@ def attach_robustness(record: dict[str, Any], folder: Path) -> None:
 
 def attach_history(record: dict[str, Any], folder: Path) -> None:
     """A ``history.json`` read back from the run's own CSV log supplies the training curves of a record
-    written before records carried them; a record's own ``history`` always wins."""
+    written before records carried them, or of one whose history lacks epochs the run trained (records
+    written by dc1eea0..f03932d kept only the epochs up to the tested checkpoint's); otherwise the record's
+    own ``history`` wins."""
     path = folder / HISTORY_NAME
-    if record.get("history") or not path.is_file():
+    if history_complete(record) or not path.is_file():
         return
     try:
         record["history"] = json.loads(path.read_text())["history"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         log.warning("Skipping unreadable training history %s: %s", path, e)
+
+
+def history_complete(record: dict[str, Any]) -> bool:
+    """Whether the record's own history has an entry for every epoch it trained."""
+    history = record.get("history") or []
+    trained = record.get("epochs_trained")
+    return bool(history) and (trained is None or len(history) >= int(trained))
 
 
 def collect_runs(roots: Iterable[str | Path]) -> pd.DataFrame:
