@@ -374,7 +374,9 @@ def _run(
         result["predictions"] = predictions
     for callback in callbacks:  # a method's callback adds its entries (DEQ solver convergence, DynMM timing)
         if hasattr(callback, "record"):
-            result.update(callback.record(task=task, datamodule=dm, tested=bool(cfg.test)))
+            result.update(
+                callback.record(task=task, datamodule=dm, tested=bool(cfg.test), test_metrics=test_metrics)
+            )
     if trainer.is_global_zero and not (cfg.trainer.get("fast_dev_run") and cfg.train):
         record.write(result)
         summarise(record.path, test_ckpt, result)

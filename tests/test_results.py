@@ -405,3 +405,15 @@ def test_runs_table_rejects_reported_numbers(tmp_path):
     (tmp_path / "bad.yaml").write_text(bad)
     with pytest.raises(ValueError, match="a runs table needs `metrics`.*no `reported` numbers"):
         TableSpec.load(tmp_path / "bad.yaml")
+
+
+def test_deq_test_converged_reads_the_solver_entry_then_the_logged_metrics():
+    from fusionbench.tables.collect import deq_test_converged
+
+    assert deq_test_converged({"deq_solver": {"test_forward": {"converged": 0.9}}}) == 0.9
+    # a ddp_spawn run of before the fallback: an empty test_forward beside the logged share
+    spawned = {"deq_solver": {"test_forward": {}}, "metrics": {"test/deq/f_converged": 0.6}}
+    assert deq_test_converged(spawned) == 0.6
+    assert deq_test_converged({"metrics": {"test/deq/f_failed": 0.25}}) == 0.75
+    assert deq_test_converged({"metrics": {"test/deq/rel_residual": 0.25}}) == 0.0  # old: beyond 0.1
+    assert deq_test_converged({"metrics": {"test/acc": 0.5}}) is None  # no DEQ fusion

@@ -219,6 +219,10 @@ def test_ddp_sim_trains_on_two_processes(make_cfg):
     assert all({"train/loss", "val/loss"} <= set(e) and "resumed" not in e for e in result["history"])
     assert result["history"][best["epoch"]][best["metric"]] == pytest.approx(best["value"])
     assert [e["epoch"] for e in result["deq_solver"]["epochs"]] == [0, 1]  # DEQMonitor's, the same way
+    # the test ran in the spawned processes too: its solver shares come from the logged metrics
+    test_forward = result["deq_solver"]["test_forward"]
+    assert test_forward["converged"] == pytest.approx(result["metrics"]["test/deq/f_converged"], abs=1e-6)
+    assert 0 <= test_forward["converged"] <= 1 and test_forward["rel_residual"] >= 0
 
 
 def test_ddp_sim_trains_profusion_around_mfas(make_cfg):
@@ -610,6 +614,21 @@ def test_deq_run_records_solver_convergence_per_epoch(make_cfg, caplog):
         caplog.text.count("of forward solves converged;") == 1
         and caplog.text.count("validation samples") == 1
     )
+
+
+def test_deq_monitor_record_takes_test_shares_from_logged_metrics_when_it_counted_none():
+    from fusionbench.fusion.deq.callbacks import DEQMonitor
+
+    monitor = DEQMonitor()
+    monitor.history = [{"epoch": 0, "train_f_converged": 1.0}]
+    logged = {"test/deq/f_converged": 0.75, "test/deq/f_rel_residual": 0.0123456789, "test/acc": 0.5}
+    assert monitor.record(test_metrics=logged)["deq_solver"] == {
+        "test_forward": {"converged": 0.75, "rel_residual": 0.012346},
+        "epochs": [{"epoch": 0, "train_f_converged": 1.0}],
+    }
+    monitor.test = {"solves": 64, "converged": 1.0, "rel_residual": 1e-5}  # its own count wins
+    assert monitor.record(test_metrics=logged)["deq_solver"]["test_forward"] == monitor.test
+    assert DEQMonitor().record(test_metrics={"test/acc": 0.5}) == {}  # no DEQ fusion in the model
 
 
 def test_deq_record_entry_is_absent_for_other_fusions(make_cfg):

@@ -218,11 +218,19 @@ class DEQMonitor(pl.Callback):
             )
 
     # -- run record and resuming ---------------------------------------------------------------
-    def record(self, **_: Any) -> dict[str, Any]:
-        """The run record's ``deq_solver`` entry: test shares and the per-epoch history (empty: no DEQ)."""
-        if not self.test and not self.history:
+    def record(self, test_metrics: dict[str, float] | None = None, **_: Any) -> dict[str, Any]:
+        """The run record's ``deq_solver`` entry: test shares and the per-epoch history (empty: no DEQ).
+
+        Under ddp_spawn the test ran in other processes and this callback counted nothing; its shares then
+        come from the logged ``test/deq/f_*`` metrics (rank means, without the solve count)."""
+        test = self.test or {
+            key: round(float(test_metrics[f"test/deq/f_{key}"]), 6)
+            for key in ("converged", "rel_residual")
+            if f"test/deq/f_{key}" in (test_metrics or {})
+        }
+        if not test and not self.history:
             return {}
-        return {"deq_solver": {"test_forward": self.test, "epochs": self.history}}
+        return {"deq_solver": {"test_forward": test, "epochs": self.history}}
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history, "last_warned": self._last_warned}

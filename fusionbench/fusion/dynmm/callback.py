@@ -179,7 +179,7 @@ class DynMMCallback(pl.Callback):
             )
 
     # -- run record --------------------------------------------------------------------------------
-    def record(self, task: pl.LightningModule, datamodule: Any, tested: bool) -> dict[str, Any]:
+    def record(self, task: pl.LightningModule, datamodule: Any, tested: bool, **_: Any) -> dict[str, Any]:
         """``{"dynmm_timing": ...}`` for a tested DynMM model (``task`` holds the tested weights). Never
         raises: timing must not end a finished run; a failure is stored as ``{"error": ...}``."""
         model = self.dynmm_model(task)
